@@ -1,0 +1,564 @@
+//! `rotsweep`: the coordinator server and the client CLI.
+//!
+//! Results go to stdout (a table, or JSON with `--format json`); logs go
+//! through `tracing` to stderr (`RUST_LOG` sets the level).
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use rotsweep_coordinator::client::{self, rpc_error};
+use rotsweep_coordinator::convert::summary_from_pb;
+use rotsweep_coordinator::local::{self, RunConfig};
+use rotsweep_coordinator::server::{self, ServerConfig};
+use rotsweep_proto as pb;
+use rotsweep_proto::auth::Token;
+use rotsweep_shared::data::{fold_path, fold_sizes, Rotation};
+use rotsweep_shared::spec::SweepSpec;
+
+/// Cross-validation rotation sweeps of sequence classifiers.
+#[derive(Parser, Debug)]
+#[command(name = "rotsweep", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output format of commands that print results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Human-readable table.
+    Table,
+    /// JSON (one document).
+    Json,
+}
+
+/// How to reach a coordinator.
+#[derive(clap::Args, Debug)]
+struct Remote {
+    /// Coordinator URL.
+    #[arg(long, env = "ROTSWEEP_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// File holding the bearer token (default: the ROTSWEEP_TOKEN variable).
+    #[arg(long, env = "ROTSWEEP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the coordinator server.
+    Serve {
+        /// State directory (SQLite database and checkpoints).
+        #[arg(long)]
+        state: PathBuf,
+        /// Address to listen on; port 0 picks a free port. Without a token
+        /// only loopback addresses are allowed.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// File holding the bearer token (default: the ROTSWEEP_TOKEN variable).
+        #[arg(long, env = "ROTSWEEP_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Seconds a lease lasts without a heartbeat.
+        #[arg(long, default_value_t = 30.0)]
+        lease_ttl: f64,
+        /// Write the bound address to this file once listening.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Print the expanded job list of a spec, checking its data.
+    Plan {
+        /// Sweep spec (TOML).
+        spec: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Run a whole sweep on this machine: embedded coordinator plus local
+    /// worker processes; prints the summary and writes STATE/summary.json.
+    Run {
+        /// Sweep spec (TOML).
+        spec: PathBuf,
+        /// Worker processes to start.
+        #[arg(long, default_value_t = 1)]
+        local_workers: usize,
+        /// State directory (default: runs/<sweep name>).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print the job list and exit.
+        #[arg(long)]
+        dry_run: bool,
+        /// Store a changed spec under an existing name as a new version.
+        #[arg(long)]
+        new_version: bool,
+        /// Compute threads per worker (default: cores / workers, at least 1).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Seconds a lease lasts without a heartbeat.
+        #[arg(long, default_value_t = 10.0)]
+        lease_ttl: f64,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Submit a spec to a running coordinator.
+    Submit {
+        /// Sweep spec (TOML).
+        spec: PathBuf,
+        /// Store a changed spec under an existing name as a new version.
+        #[arg(long)]
+        new_version: bool,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Jobs of a sweep with state, attempt, worker and progress.
+    Status {
+        /// Sweep name.
+        sweep: String,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Cross-rotation summary of a sweep.
+    Summary {
+        /// Sweep name.
+        sweep: String,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Every stored epoch row of a sweep (one per job and epoch).
+    Epochs {
+        /// Sweep name.
+        sweep: String,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Names of the stored sweeps.
+    Sweeps {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::env::var_os("NO_COLOR").is_none() && is_stderr_tty())
+        .init();
+}
+
+fn is_stderr_tty() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+fn load_spec(path: &Path) -> anyhow::Result<SweepSpec> {
+    SweepSpec::from_path(path).map_err(anyhow::Error::new)
+}
+
+fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    if !(value.is_finite() && value > 0.0) {
+        bail!("--{flag} must be a positive number of seconds, got {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve {
+            state,
+            listen,
+            token_file,
+            lease_ttl,
+            addr_file,
+        } => {
+            let token = Token::load(token_file.as_deref()).map_err(anyhow::Error::msg)?;
+            let server = server::start(ServerConfig {
+                listen,
+                state_dir: state,
+                token,
+                lease_ttl: seconds(lease_ttl, "lease-ttl")?,
+            })
+            .await?;
+            println!("listening on {}", server.url());
+            if let Some(path) = addr_file {
+                local::write_text(&path, &server.addr.to_string())?;
+            }
+            server.run_until(shutdown_signal()).await?;
+            tracing::info!("coordinator stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+
+        Command::Plan { spec, format } => {
+            let spec = load_spec(&spec)?;
+            print_plan(&spec, format)?;
+            Ok(ExitCode::SUCCESS)
+        }
+
+        Command::Run {
+            spec: spec_path,
+            local_workers,
+            state,
+            dry_run,
+            new_version,
+            threads,
+            lease_ttl,
+            format,
+        } => {
+            let spec = load_spec(&spec_path)?;
+            if dry_run {
+                print_plan(&spec, format)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if local_workers == 0 {
+                bail!("--local-workers must be at least 1");
+            }
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads_per_worker = threads.unwrap_or((cores / local_workers).max(1));
+            let state_dir = state.unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
+            let outcome = local::run(RunConfig {
+                spec,
+                state_dir,
+                n_workers: local_workers,
+                worker_bin: local::find_worker_bin()?,
+                lease_ttl: seconds(lease_ttl, "lease-ttl")?,
+                new_version,
+                threads_per_worker,
+            })
+            .await?;
+
+            match format {
+                Format::Table => print!("{}", outcome.summary.to_table()),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&outcome.summary)?),
+            }
+            tracing::info!(path = %outcome.summary_path.display(), "summary written");
+            if outcome.unfinished.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for (model, rotation, state, error) in &outcome.unfinished {
+                    tracing::error!(%model, rotation, %state, %error, "job did not complete");
+                }
+                eprintln!(
+                    "error: {} job(s) did not complete; the summary covers the rest",
+                    outcome.unfinished.len()
+                );
+                Ok(ExitCode::from(2))
+            }
+        }
+
+        Command::Submit {
+            spec,
+            new_version,
+            remote,
+            format,
+        } => {
+            let spec = load_spec(&spec)?;
+            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let resp = client
+                .submit_sweep(pb::SubmitSweepRequest {
+                    spec_json: spec.to_json(),
+                    new_version,
+                })
+                .await
+                .map_err(|s| rpc_error("SubmitSweep", s))?
+                .into_inner();
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({"sweep": resp.sweep, "n_jobs": resp.n_jobs, "created": resp.created})
+                ),
+                Format::Table if resp.created => {
+                    println!("submitted sweep {} with {} jobs", resp.sweep, resp.n_jobs)
+                }
+                Format::Table => println!(
+                    "sweep {} already stored with this spec ({} jobs); nothing changed",
+                    resp.sweep, resp.n_jobs
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+
+        Command::Status {
+            sweep,
+            remote,
+            format,
+        } => {
+            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let resp = client
+                .sweep_status(pb::SweepStatusRequest { sweep })
+                .await
+                .map_err(|s| rpc_error("SweepStatus", s))?
+                .into_inner();
+            print_status(&resp, format);
+            Ok(ExitCode::SUCCESS)
+        }
+
+        Command::Summary {
+            sweep,
+            remote,
+            format,
+        } => {
+            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let resp = client
+                .sweep_summary(pb::SweepSummaryRequest { sweep })
+                .await
+                .map_err(|s| rpc_error("SweepSummary", s))?
+                .into_inner();
+            let summary = summary_from_pb(resp)?;
+            match format {
+                Format::Table => print!("{}", summary.to_table()),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+
+        Command::Epochs {
+            sweep,
+            remote,
+            format,
+        } => {
+            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let resp = client
+                .list_epochs(pb::ListEpochsRequest { sweep })
+                .await
+                .map_err(|s| rpc_error("ListEpochs", s))?
+                .into_inner();
+            print_epochs(&resp, format);
+            Ok(ExitCode::SUCCESS)
+        }
+
+        Command::Sweeps { remote, format } => {
+            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let resp = client
+                .list_sweeps(pb::ListSweepsRequest {})
+                .await
+                .map_err(|s| rpc_error("ListSweeps", s))?
+                .into_inner();
+            match format {
+                Format::Table => resp.sweeps.iter().for_each(|s| println!("{s}")),
+                Format::Json => println!("{}", serde_json::json!(resp.sweeps)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping: finishing in-flight requests");
+}
+
+fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
+    let sizes = fold_sizes(&spec.data).with_context(|| {
+        format!(
+            "checking the folds in {} (e.g. {})",
+            spec.data.dir.display(),
+            fold_path(&spec.data.dir, &spec.data.version, 0).display()
+        )
+    })?;
+    let mut rows = Vec::new();
+    for (i, job) in spec.jobs().iter().enumerate() {
+        let rot = Rotation::new(job.rotation, spec.data.folds, spec.data.train_folds)?;
+        let n_train: usize = rot.train.iter().map(|&k| sizes[k]).sum();
+        rows.push(serde_json::json!({
+            "job": i,
+            "model": job.model,
+            "kind": job.kind.as_str(),
+            "rotation": job.rotation,
+            "train_folds": rot.train,
+            "val_fold": rot.val,
+            "test_fold": rot.test,
+            "n_train": n_train,
+            "n_val": sizes[rot.val],
+            "n_test": sizes[rot.test],
+        }));
+    }
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "sweep": spec.name,
+                "data": spec.data.dir,
+                "epochs": spec.train.epochs,
+                "jobs": rows,
+            }))?
+        ),
+        Format::Table => {
+            println!(
+                "sweep {}: {} jobs ({} models x {} rotations), data {}",
+                spec.name,
+                rows.len(),
+                spec.models.len(),
+                spec.rotations().len(),
+                spec.data.dir.display()
+            );
+            println!(
+                "{:>4} {:<10} {:<5} {:>3} {:<9} {:>3} {:>4} {:>7} {:>5} {:>5}",
+                "job", "model", "kind", "rot", "train", "val", "test", "n_train", "n_val", "n_test"
+            );
+            for r in &rows {
+                let train: Vec<String> = r["train_folds"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v.to_string())
+                    .collect();
+                println!(
+                    "{:>4} {:<10} {:<5} {:>3} {:<9} {:>3} {:>4} {:>7} {:>5} {:>5}",
+                    r["job"],
+                    r["model"].as_str().unwrap_or_default(),
+                    r["kind"].as_str().unwrap_or_default(),
+                    r["rotation"],
+                    train.join(","),
+                    r["val_fold"],
+                    r["test_fold"],
+                    r["n_train"],
+                    r["n_val"],
+                    r["n_test"]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+fn print_status(resp: &pb::SweepStatusResponse, format: Format) {
+    match format {
+        Format::Json => {
+            let jobs: Vec<_> = resp
+                .jobs
+                .iter()
+                .map(|j| {
+                    serde_json::json!({
+                        "job_id": j.job_id, "model": j.model, "kind": j.kind,
+                        "rotation": j.rotation, "state": j.state, "attempt": j.attempt,
+                        "worker_id": j.worker_id, "epoch": j.epoch,
+                        "best_metric": finite(j.best_metric),
+                        "elapsed_seconds": j.elapsed_seconds,
+                        "test_accuracy": finite(j.test_accuracy),
+                        "last_error": j.last_error,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::json!({"sweep": resp.sweep, "jobs": jobs}));
+        }
+        Format::Table => {
+            println!(
+                "{:>4} {:<10} {:>3} {:<9} {:>7} {:<12} {:>5} {:>8} {:>8} {:>8}",
+                "job", "model", "rot", "state", "attempt", "worker", "epoch", "best", "elapsed", "test"
+            );
+            for j in &resp.jobs {
+                let f = |x: f64| finite(x).map_or("-".into(), |v| format!("{v:.4}"));
+                println!(
+                    "{:>4} {:<10} {:>3} {:<9} {:>7} {:<12} {:>5} {:>8} {:>7.0}s {:>8}",
+                    j.job_id,
+                    j.model,
+                    j.rotation,
+                    j.state,
+                    j.attempt,
+                    j.worker_id,
+                    j.epoch,
+                    f(j.best_metric),
+                    j.elapsed_seconds,
+                    f(j.test_accuracy)
+                );
+                if !j.last_error.is_empty() && j.state != "COMPLETED" {
+                    println!("     last error: {}", j.last_error);
+                }
+            }
+        }
+    }
+}
+
+fn print_epochs(resp: &pb::ListEpochsResponse, format: Format) {
+    let metrics = |r: &pb::EpochRow| r.metrics.unwrap_or_default();
+    match format {
+        Format::Json => {
+            let rows: Vec<_> = resp
+                .rows
+                .iter()
+                .map(|r| {
+                    let m = metrics(r);
+                    serde_json::json!({
+                        "job_id": r.job_id, "model": r.model, "rotation": r.rotation,
+                        "attempt": r.attempt, "epoch": m.epoch,
+                        "train_loss": finite(m.train_loss), "train_accuracy": finite(m.train_accuracy),
+                        "val_loss": finite(m.val_loss), "val_accuracy": finite(m.val_accuracy),
+                        "seconds": m.seconds, "examples_per_second": m.examples_per_second,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(rows));
+        }
+        Format::Table => {
+            println!(
+                "{:>4} {:<10} {:>3} {:>7} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8}",
+                "job", "model", "rot", "attempt", "epoch", "loss", "acc", "val_loss", "val_acc", "seconds"
+            );
+            for r in &resp.rows {
+                let m = metrics(r);
+                println!(
+                    "{:>4} {:<10} {:>3} {:>7} {:>5} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>8.2}",
+                    r.job_id,
+                    r.model,
+                    r.rotation,
+                    r.attempt,
+                    m.epoch,
+                    m.train_loss,
+                    m.train_accuracy,
+                    m.val_loss,
+                    m.val_accuracy,
+                    m.seconds
+                );
+            }
+        }
+    }
+}

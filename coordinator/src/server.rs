@@ -1,0 +1,148 @@
+//! Binding and running the coordinator server: the authentication rule
+//! (no token, loopback only), the lease-expiry ticker, and a graceful
+//! shutdown the caller controls.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rotsweep_proto::auth::{CheckToken, Token};
+use rotsweep_proto::coordinator_server::CoordinatorServer;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::service::{CoordinatorService, ServiceConfig, MAX_MESSAGE_BYTES};
+use crate::store::{self, Store};
+
+/// Everything `serve` needs, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to bind; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Directory holding `state.sqlite` and the checkpoints.
+    pub state_dir: PathBuf,
+    /// Bearer token every request must carry; `None` allows loopback only.
+    pub token: Option<Token>,
+    /// Lease duration without heartbeat.
+    pub lease_ttl: Duration,
+}
+
+/// A running server.
+pub struct RunningServer {
+    /// The bound address (with the real port when 0 was asked).
+    pub addr: SocketAddr,
+    /// The service, for in-process subscribers and direct store access.
+    pub service: CoordinatorService,
+    shutdown_tx: watch::Sender<bool>,
+    handle: JoinHandle<Result<(), tonic::transport::Error>>,
+    ticker: JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// The `http://` URL clients connect to.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish, and waits.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown_tx.send(true);
+        self.ticker.abort();
+        self.handle
+            .await
+            .context("server task panicked")?
+            .context("server failed")?;
+        Ok(())
+    }
+
+    /// Serves until `stop` resolves (then shuts down gracefully) or the
+    /// server fails on its own.
+    pub async fn run_until(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = stop => self.shutdown().await,
+            res = &mut self.handle => {
+                self.ticker.abort();
+                res.context("server task panicked")?.context("server failed")?;
+                bail!("server stopped unexpectedly")
+            }
+        }
+    }
+}
+
+/// Opens the store, binds the listener and starts serving.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    if config.token.is_none() && !config.listen.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {} without a token: set {} or pass --token-file, \
+             or listen on a loopback address",
+            config.listen,
+            rotsweep_proto::auth::TOKEN_ENV
+        );
+    }
+
+    let store = Store::open(&config.state_dir)
+        .with_context(|| format!("opening state in {}", config.state_dir.display()))?;
+    let store = Arc::new(store);
+    let service = CoordinatorService::new(
+        store.clone(),
+        ServiceConfig {
+            lease_ttl: config.lease_ttl,
+            checkpoint_root: Some(config.state_dir.join("checkpoints")),
+        },
+    );
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+
+    let grpc = tonic::codegen::InterceptedService::new(
+        CoordinatorServer::new(service.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        CheckToken(config.token.clone()),
+    );
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let handle = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = shutdown_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+
+    // Expire dead leases even when no worker asks for work, so `status`
+    // shows re-queued jobs promptly.
+    let tick = (config.lease_ttl / 4).max(Duration::from_millis(50));
+    let ticker_store = store.clone();
+    let ticker = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick);
+        loop {
+            interval.tick().await;
+            let s = ticker_store.clone();
+            match tokio::task::spawn_blocking(move || s.expire_leases(store::now_ms())).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::warn!(n_expired = n, "leases expired, jobs re-queued"),
+                Ok(Err(e)) => tracing::error!(error = %e, "lease expiry failed"),
+                Err(e) => tracing::error!(error = %e, "lease expiry task failed"),
+            }
+        }
+    });
+
+    tracing::info!(%addr, auth = config.token.is_some(), state = %config.state_dir.display(), "coordinator listening");
+    Ok(RunningServer {
+        addr,
+        service,
+        shutdown_tx,
+        handle,
+        ticker,
+    })
+}

@@ -1,0 +1,457 @@
+//! The gRPC `Coordinator` service: converts wire messages to store calls and
+//! store errors to gRPC codes (in one place, [`to_status`]), and publishes
+//! live events (epoch reports, job state changes) to in-process watchers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rotsweep_proto as pb;
+use rotsweep_shared::spec::SweepSpec;
+use tokio::sync::broadcast;
+use tonic::{Request, Response, Status};
+
+use crate::store::{self, AttemptRef, Completion, EpochMetrics, LeaseOutcome, Store, StoreError};
+
+/// Largest accepted request or response message (4 MiB): a spec, a 46x46
+/// confusion matrix or a status table fit easily; anything bigger is refused.
+pub const MAX_MESSAGE_BYTES: usize = rotsweep_proto::MAX_MESSAGE_BYTES;
+
+/// Something that happened, for watchers and progress displays.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A job was leased.
+    Leased {
+        /// Sweep name.
+        sweep: String,
+        /// Job id.
+        job_id: i64,
+        /// Model name.
+        model: String,
+        /// Rotation.
+        rotation: u32,
+        /// Attempt number.
+        attempt: u32,
+        /// Worker.
+        worker_id: String,
+    },
+    /// An epoch row was stored.
+    Epoch {
+        /// Job id.
+        job_id: i64,
+        /// Attempt.
+        attempt: u32,
+        /// The metrics.
+        metrics: EpochMetrics,
+    },
+    /// A job ended an attempt.
+    Finished {
+        /// Job id.
+        job_id: i64,
+        /// Attempt.
+        attempt: u32,
+        /// New state (COMPLETED, INVALID, PENDING on retry, FAILED, ...).
+        state: String,
+        /// Test accuracy or failure reason.
+        detail: String,
+    },
+}
+
+/// Settings of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// How long a lease lasts without a heartbeat.
+    pub lease_ttl: Duration,
+    /// Directory under which per-job checkpoint folders are created (empty:
+    /// workers keep no checkpoints).
+    pub checkpoint_root: Option<std::path::PathBuf>,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(30),
+            checkpoint_root: None,
+        }
+    }
+}
+
+/// The service state shared by all connections.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    store: Arc<Store>,
+    config: ServiceConfig,
+    events: broadcast::Sender<Event>,
+}
+
+/// Maps a store error to the gRPC code callers can act on.
+pub fn to_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NoSweep(_) | StoreError::NoJob(_) => Status::not_found(e.to_string()),
+        StoreError::Stale { .. } | StoreError::SpecConflict(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        StoreError::Db(ref db) if is_busy(db) => Status::unavailable(e.to_string()),
+        StoreError::Db(_) | StoreError::Dir { .. } => {
+            tracing::error!(error = %e, "store failure");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+fn attempt_ref(job: Option<pb::JobRef>) -> Result<AttemptRef, Status> {
+    let job = job.ok_or_else(|| Status::invalid_argument("missing field `job`"))?;
+    Ok(AttemptRef {
+        job_id: job.job_id,
+        attempt: job.attempt,
+        token: job.lease_token,
+    })
+}
+
+/// Converts a store epoch to the wire form.
+pub fn metrics_to_pb(m: &EpochMetrics) -> pb::EpochMetrics {
+    pb::EpochMetrics {
+        epoch: m.epoch,
+        train_loss: m.train_loss,
+        train_accuracy: m.train_accuracy,
+        val_loss: m.val_loss,
+        val_accuracy: m.val_accuracy,
+        seconds: m.seconds,
+        examples_per_second: m.examples_per_second,
+    }
+}
+
+fn metrics_from_pb(m: pb::EpochMetrics) -> EpochMetrics {
+    EpochMetrics {
+        epoch: m.epoch,
+        train_loss: m.train_loss,
+        train_accuracy: m.train_accuracy,
+        val_loss: m.val_loss,
+        val_accuracy: m.val_accuracy,
+        seconds: m.seconds,
+        examples_per_second: m.examples_per_second,
+    }
+}
+
+impl CoordinatorService {
+    /// A service over `store`.
+    pub fn new(store: Arc<Store>, config: ServiceConfig) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Self {
+            store,
+            config,
+            events,
+        }
+    }
+
+    /// Subscribes to live events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The store behind the service.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn ttl_ms(&self) -> i64 {
+        self.config.lease_ttl.as_millis() as i64
+    }
+
+    fn publish(&self, event: Event) {
+        // No subscriber is fine: events are a convenience, the store is truth.
+        let _ = self.events.send(event);
+    }
+
+    /// Runs a blocking store call off the async executor.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+            .map_err(to_status)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    #[tracing::instrument(skip_all)]
+    async fn submit_sweep(
+        &self,
+        request: Request<pb::SubmitSweepRequest>,
+    ) -> Result<Response<pb::SubmitSweepResponse>, Status> {
+        let req = request.into_inner();
+        let spec = SweepSpec::from_json(&req.spec_json)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let outcome = self
+            .blocking(move |s| s.submit(&spec, req.new_version))
+            .await?;
+        tracing::info!(sweep = %outcome.sweep, n_jobs = outcome.n_jobs, created = outcome.created, "sweep submitted");
+        Ok(Response::new(pb::SubmitSweepResponse {
+            sweep: outcome.sweep,
+            n_jobs: outcome.n_jobs as u32,
+            created: outcome.created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(worker_id = %request.get_ref().worker_id))]
+    async fn lease_job(
+        &self,
+        request: Request<pb::LeaseJobRequest>,
+    ) -> Result<Response<pb::LeaseJobResponse>, Status> {
+        let req = request.into_inner();
+        if req.worker_id.is_empty() {
+            return Err(Status::invalid_argument("missing field `worker_id`"));
+        }
+        let ttl = self.ttl_ms();
+        let worker_id = req.worker_id.clone();
+        let sweep = (!req.sweep.is_empty()).then_some(req.sweep);
+        let outcome = self
+            .blocking(move |s| s.lease(&worker_id, sweep.as_deref(), store::now_ms(), ttl))
+            .await?;
+
+        let response = match outcome {
+            LeaseOutcome::Leased(l) => {
+                tracing::info!(job_id = l.job_id, attempt = l.attempt, model = %l.model, rotation = l.rotation, "job leased");
+                self.publish(Event::Leased {
+                    sweep: l.sweep.clone(),
+                    job_id: l.job_id,
+                    model: l.model.clone(),
+                    rotation: l.rotation,
+                    attempt: l.attempt,
+                    worker_id: req.worker_id.clone(),
+                });
+                let checkpoint_dir = self.config.checkpoint_root.as_ref().map_or_else(
+                    String::new,
+                    |root| {
+                        root.join(format!("job-{}", l.job_id))
+                            .to_string_lossy()
+                            .into_owned()
+                    },
+                );
+                let spec_seed = SweepSpec::from_json(&l.spec_json)
+                    .map(|s| s.train.seed)
+                    .unwrap_or(0);
+                pb::LeaseJobResponse {
+                    outcome: pb::lease_job_response::Outcome::Leased as i32,
+                    job: Some(pb::JobLease {
+                        job_id: l.job_id,
+                        attempt: l.attempt,
+                        lease_token: l.token,
+                        sweep: l.sweep,
+                        model: l.model,
+                        rotation: l.rotation,
+                        spec_json: l.spec_json,
+                        lease_ttl_ms: ttl as u32,
+                        checkpoint_dir,
+                        seed: rotsweep_shared::rng::mix_seed(&[spec_seed, u64::from(l.rotation)]),
+                    }),
+                    retry_after_ms: 0,
+                }
+            }
+            LeaseOutcome::Wait => pb::LeaseJobResponse {
+                outcome: pb::lease_job_response::Outcome::Wait as i32,
+                job: None,
+                retry_after_ms: (ttl / 10).clamp(100, 2000) as u32,
+            },
+            LeaseOutcome::Drained => pb::LeaseJobResponse {
+                outcome: pb::lease_job_response::Outcome::Drained as i32,
+                job: None,
+                retry_after_ms: 0,
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let at = attempt_ref(request.into_inner().job)?;
+        let ttl = self.ttl_ms();
+        let cancel = self
+            .blocking(move |s| s.heartbeat(&at, store::now_ms(), ttl))
+            .await?;
+        Ok(Response::new(pb::HeartbeatResponse { cancel }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn report_epoch(
+        &self,
+        request: Request<pb::ReportEpochRequest>,
+    ) -> Result<Response<pb::ReportEpochResponse>, Status> {
+        let req = request.into_inner();
+        let at = attempt_ref(req.job)?;
+        let metrics = metrics_from_pb(
+            req.metrics
+                .ok_or_else(|| Status::invalid_argument("missing field `metrics`"))?,
+        );
+        let ttl = self.ttl_ms();
+        let (job_id, attempt) = (at.job_id, at.attempt);
+        let (stored, cancel) = self
+            .blocking(move |s| s.report_epoch(&at, &metrics, store::now_ms(), ttl))
+            .await?;
+        tracing::debug!(job_id, attempt, epoch = metrics.epoch, stored, "epoch reported");
+        if stored {
+            self.publish(Event::Epoch {
+                job_id,
+                attempt,
+                metrics,
+            });
+        }
+        Ok(Response::new(pb::ReportEpochResponse { stored, cancel }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn complete_job(
+        &self,
+        request: Request<pb::CompleteJobRequest>,
+    ) -> Result<Response<pb::CompleteJobResponse>, Status> {
+        let req = request.into_inner();
+        let at = attempt_ref(req.job)?;
+        let n = req.labels.len();
+        if req.confusion.len() != n * n {
+            return Err(Status::invalid_argument(format!(
+                "confusion has {} cells, expected {n}x{n}",
+                req.confusion.len()
+            )));
+        }
+        let confusion: Vec<Vec<u64>> = if n == 0 {
+            Vec::new()
+        } else {
+            req.confusion.chunks(n).map(<[u64]>::to_vec).collect()
+        };
+        let completion = Completion {
+            test_accuracy: req.test_accuracy,
+            test_loss: req.test_loss,
+            labels: req.labels,
+            confusion,
+            epochs_trained: req.epochs_trained,
+            best_epoch: req.best_epoch,
+            n_test: req.n_test,
+        };
+        let (job_id, attempt) = (at.job_id, at.attempt);
+        let accuracy = completion.test_accuracy;
+        self.blocking(move |s| s.complete(&at, &completion, store::now_ms()))
+            .await?;
+        let state = if accuracy.is_finite() {
+            store::state::COMPLETED
+        } else {
+            store::state::INVALID
+        };
+        tracing::info!(job_id, attempt, test_accuracy = accuracy, "job completed");
+        self.publish(Event::Finished {
+            job_id,
+            attempt,
+            state: state.to_string(),
+            detail: format!("test accuracy {accuracy:.4}"),
+        });
+        Ok(Response::new(pb::CompleteJobResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn fail_job(
+        &self,
+        request: Request<pb::FailJobRequest>,
+    ) -> Result<Response<pb::FailJobResponse>, Status> {
+        let req = request.into_inner();
+        let at = attempt_ref(req.job)?;
+        let (job_id, attempt) = (at.job_id, at.attempt);
+        let reason = req.reason.clone();
+        let requeued = self
+            .blocking(move |s| s.fail(&at, &req.reason, req.job_fault, store::now_ms()))
+            .await?;
+        tracing::warn!(job_id, attempt, requeued, error = %reason, "job attempt failed");
+        self.publish(Event::Finished {
+            job_id,
+            attempt,
+            state: if requeued { "PENDING" } else { "FAILED" }.to_string(),
+            detail: reason,
+        });
+        Ok(Response::new(pb::FailJobResponse { requeued }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn sweep_status(
+        &self,
+        request: Request<pb::SweepStatusRequest>,
+    ) -> Result<Response<pb::SweepStatusResponse>, Status> {
+        let sweep = request.into_inner().sweep;
+        let name = sweep.clone();
+        let jobs = self
+            .blocking(move |s| s.jobs(&name, store::now_ms()))
+            .await?;
+        Ok(Response::new(pb::SweepStatusResponse {
+            sweep,
+            jobs: jobs
+                .into_iter()
+                .map(|j| pb::JobStatus {
+                    job_id: j.job_id,
+                    model: j.model,
+                    kind: j.kind,
+                    rotation: j.rotation,
+                    state: j.state,
+                    attempt: j.attempt,
+                    worker_id: j.worker_id,
+                    epoch: j.epoch,
+                    best_metric: j.best_metric.unwrap_or(f64::NAN),
+                    elapsed_seconds: j.elapsed_seconds,
+                    last_error: j.last_error,
+                    test_accuracy: j.test_accuracy.unwrap_or(f64::NAN),
+                })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn sweep_summary(
+        &self,
+        request: Request<pb::SweepSummaryRequest>,
+    ) -> Result<Response<pb::SweepSummaryResponse>, Status> {
+        let sweep = request.into_inner().sweep;
+        let summary = self.blocking(move |s| s.summary(&sweep)).await?;
+        Ok(Response::new(crate::convert::summary_to_pb(&summary)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_epochs(
+        &self,
+        request: Request<pb::ListEpochsRequest>,
+    ) -> Result<Response<pb::ListEpochsResponse>, Status> {
+        let sweep = request.into_inner().sweep;
+        let rows = self.blocking(move |s| s.epochs(&sweep)).await?;
+        Ok(Response::new(pb::ListEpochsResponse {
+            rows: rows
+                .into_iter()
+                .map(|r| pb::EpochRow {
+                    job_id: r.job_id,
+                    model: r.model,
+                    rotation: r.rotation,
+                    attempt: r.attempt,
+                    metrics: Some(metrics_to_pb(&r.metrics)),
+                })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_sweeps(
+        &self,
+        _request: Request<pb::ListSweepsRequest>,
+    ) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        let sweeps = self.blocking(|s| s.sweeps()).await?;
+        Ok(Response::new(pb::ListSweepsResponse { sweeps }))
+    }
+}

@@ -1,0 +1,1106 @@
+//! The durable state of a coordinator: one SQLite database (WAL mode) under
+//! the state directory holding sweeps, jobs, epoch rows and results.
+//!
+//! Every state change is one transaction behind one mutex, so concurrent
+//! leases can never hand out the same job, and a coordinator killed at any
+//! point restarts from the last committed transaction. WAL with
+//! `synchronous = NORMAL` survives a killed process (only a power loss can
+//! drop the last commits).
+//!
+//! Fencing: each lease increments the job's attempt and draws a fresh random
+//! token. Job messages must carry both; anything else is [`StoreError::Stale`].
+//!
+//! Epoch rows are keyed by (job, attempt, epoch) and inserted with
+//! `INSERT OR IGNORE`, so a re-sent report is a no-op. A later attempt that
+//! resumes from a checkpoint at epoch k reports k+1, k+2, ...; rows of an
+//! earlier attempt at or after the first epoch a later attempt reported are
+//! superseded and hidden from every query (see [`Store::epochs`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rotsweep_shared::spec::SweepSpec;
+use rotsweep_shared::summary::{self, GridModel, JobResult, Summary};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+/// Job states as stored.
+pub mod state {
+    /// Waiting for a worker.
+    pub const PENDING: &str = "PENDING";
+    /// Leased by a worker.
+    pub const RUNNING: &str = "RUNNING";
+    /// Finished with a valid test metric.
+    pub const COMPLETED: &str = "COMPLETED";
+    /// Finished, but the test metric is NaN or missing.
+    pub const INVALID: &str = "INVALID";
+    /// Out of attempts.
+    pub const FAILED: &str = "FAILED";
+    /// Cancelled by a user.
+    pub const CANCELLED: &str = "CANCELLED";
+
+    /// True for states a job never leaves on its own.
+    pub fn is_final(s: &str) -> bool {
+        matches!(s, COMPLETED | INVALID | FAILED | CANCELLED)
+    }
+}
+
+/// Errors of the store; the service maps each to a gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// The state directory could not be prepared.
+    #[error("cannot prepare state directory {}: {source}", path.display())]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// No such sweep.
+    #[error("no sweep named `{0}`")]
+    NoSweep(String),
+    /// No such job.
+    #[error("no job {0}")]
+    NoJob(i64),
+    /// The message belongs to an attempt that no longer holds the lease.
+    #[error("stale lease: job {job_id} attempt {attempt} no longer holds the lease ({why})")]
+    Stale {
+        /// Job id.
+        job_id: i64,
+        /// The attempt the caller claimed.
+        attempt: u32,
+        /// What the job's state is now.
+        why: String,
+    },
+    /// A different spec is already stored under this name.
+    #[error(
+        "sweep `{0}` already exists with a different spec; \
+         pass --new-version to store this one as a new version"
+    )]
+    SpecConflict(String),
+    /// The input is invalid.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+/// Result alias of the store.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What a submit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitOutcome {
+    /// Stored sweep name (with `.vN` for versions after the first).
+    pub sweep: String,
+    /// Jobs in the grid.
+    pub n_jobs: usize,
+    /// False when the identical spec was already stored.
+    pub created: bool,
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    /// Job id.
+    pub job_id: i64,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Fencing token of the attempt.
+    pub token: String,
+    /// Sweep name.
+    pub sweep: String,
+    /// Model name.
+    pub model: String,
+    /// Rotation index.
+    pub rotation: u32,
+    /// The sweep's spec as JSON.
+    pub spec_json: String,
+}
+
+/// Result of asking for a lease.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseOutcome {
+    /// A job was leased.
+    Leased(Lease),
+    /// Nothing queued, but jobs are running.
+    Wait,
+    /// Nothing queued or running.
+    Drained,
+}
+
+/// The triple that identifies one attempt of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRef {
+    /// Job id.
+    pub job_id: i64,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Fencing token.
+    pub token: String,
+}
+
+/// One epoch's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EpochMetrics {
+    /// 1-based epoch.
+    pub epoch: u32,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Training accuracy.
+    pub train_accuracy: f64,
+    /// Validation loss.
+    pub val_loss: f64,
+    /// Validation accuracy.
+    pub val_accuracy: f64,
+    /// Wall seconds.
+    pub seconds: f64,
+    /// Training examples per second.
+    pub examples_per_second: f64,
+}
+
+/// A stored epoch row with its job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochRow {
+    /// Job id.
+    pub job_id: i64,
+    /// Model name.
+    pub model: String,
+    /// Rotation.
+    pub rotation: u32,
+    /// Attempt that produced the row.
+    pub attempt: u32,
+    /// The metrics.
+    pub metrics: EpochMetrics,
+}
+
+/// The test result of a finished job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Test accuracy (NaN when invalid).
+    pub test_accuracy: f64,
+    /// Test loss.
+    pub test_loss: f64,
+    /// Label order of the confusion matrix.
+    pub labels: Vec<String>,
+    /// Rows = true label.
+    pub confusion: Vec<Vec<u64>>,
+    /// Epochs trained.
+    pub epochs_trained: u32,
+    /// Epoch whose weights were tested.
+    pub best_epoch: u32,
+    /// Test examples.
+    pub n_test: u32,
+}
+
+/// A job as shown by `status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobView {
+    /// Job id.
+    pub job_id: i64,
+    /// Model name.
+    pub model: String,
+    /// Model kind.
+    pub kind: String,
+    /// Rotation.
+    pub rotation: u32,
+    /// Stored state.
+    pub state: String,
+    /// Attempts so far.
+    pub attempt: u32,
+    /// Worker of the current or last attempt.
+    pub worker_id: String,
+    /// Last epoch stored.
+    pub epoch: u32,
+    /// Best monitored metric so far.
+    pub best_metric: Option<f64>,
+    /// Seconds in the current attempt, or total run time when final.
+    pub elapsed_seconds: f64,
+    /// Last failure reason.
+    pub last_error: String,
+    /// Test accuracy when completed.
+    pub test_accuracy: Option<f64>,
+}
+
+/// The SQLite-backed store.
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS sweeps (
+    id            INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    base_name     TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    spec_json     TEXT NOT NULL,
+    max_attempts  INTEGER NOT NULL,
+    monitor       TEXT NOT NULL,
+    cancelled     INTEGER NOT NULL DEFAULT 0,
+    created_ms    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id                 INTEGER PRIMARY KEY,
+    sweep_id           INTEGER NOT NULL REFERENCES sweeps(id),
+    model              TEXT NOT NULL,
+    kind               TEXT NOT NULL,
+    rotation           INTEGER NOT NULL,
+    state              TEXT NOT NULL,
+    attempt            INTEGER NOT NULL DEFAULT 0,
+    lease_token        TEXT,
+    worker_id          TEXT NOT NULL DEFAULT '',
+    lease_deadline_ms  INTEGER,
+    attempt_started_ms INTEGER,
+    cost               REAL NOT NULL,
+    infra_failures     INTEGER NOT NULL DEFAULT 0,
+    job_failures       INTEGER NOT NULL DEFAULT 0,
+    last_error         TEXT NOT NULL DEFAULT '',
+    last_epoch         INTEGER NOT NULL DEFAULT 0,
+    best_metric        REAL,
+    run_ms             INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (sweep_id, model, rotation)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, cost DESC, id);
+CREATE TABLE IF NOT EXISTS epochs (
+    job_id              INTEGER NOT NULL REFERENCES jobs(id),
+    attempt             INTEGER NOT NULL,
+    epoch               INTEGER NOT NULL,
+    train_loss          REAL,
+    train_accuracy      REAL,
+    val_loss            REAL,
+    val_accuracy        REAL,
+    seconds             REAL,
+    examples_per_second REAL,
+    PRIMARY KEY (job_id, attempt, epoch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS results (
+    job_id          INTEGER PRIMARY KEY REFERENCES jobs(id),
+    attempt         INTEGER NOT NULL,
+    test_accuracy   REAL,
+    test_loss       REAL,
+    labels_json     TEXT NOT NULL,
+    confusion_json  TEXT NOT NULL,
+    epochs_trained  INTEGER NOT NULL,
+    best_epoch      INTEGER NOT NULL,
+    n_test          INTEGER NOT NULL
+);
+"#;
+
+/// Rows of `epochs` not superseded by a later attempt of the same job.
+const VISIBLE_EPOCHS: &str = "NOT EXISTS (SELECT 1 FROM epochs l \
+     WHERE l.job_id = e.job_id AND l.attempt > e.attempt AND l.epoch <= e.epoch)";
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A fresh random fencing token (128 bits, hex).
+fn new_token() -> String {
+    use std::io::Read;
+    let mut buf = [0u8; 16];
+    let from_os = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
+    if from_os.is_err() {
+        // Fall back to a time- and address-seeded generator; tokens only need
+        // to differ between attempts, they are not secrets.
+        let mut rng = rotsweep_shared::rng::SplitMix64::new(
+            now_ms() as u64 ^ (&buf as *const _ as u64) ^ u64::from(std::process::id()),
+        );
+        for chunk in buf.chunks_mut(8) {
+            chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
+        }
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Store {
+    /// Opens (creating if needed) `DIR/state.sqlite`.
+    pub fn open(dir: &Path) -> StoreResult<Self> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join("state.sqlite");
+        let conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (the open
+        // transaction is rolled back on drop), so a poisoned lock is usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores a spec and its job grid. The identical spec under the same name
+    /// is a no-op; a different one is refused unless `new_version`.
+    pub fn submit(&self, spec: &SweepSpec, new_version: bool) -> StoreResult<SubmitOutcome> {
+        let spec_json = spec.to_json();
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+
+        let versions: Vec<(String, String)> = {
+            let mut stmt = tx.prepare(
+                "SELECT name, spec_json FROM sweeps WHERE base_name = ?1 ORDER BY version",
+            )?;
+            let rows = stmt.query_map([&spec.name], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let n_jobs = spec.jobs().len();
+        if let Some((name, _)) = versions.iter().find(|(_, json)| json == &spec_json) {
+            return Ok(SubmitOutcome {
+                sweep: name.clone(),
+                n_jobs,
+                created: false,
+            });
+        }
+        if !versions.is_empty() && !new_version {
+            return Err(StoreError::SpecConflict(spec.name.clone()));
+        }
+
+        let version = versions.len() as i64 + 1;
+        let name = if version == 1 {
+            spec.name.clone()
+        } else {
+            format!("{}.v{version}", spec.name)
+        };
+        tx.execute(
+            "INSERT INTO sweeps (name, base_name, version, spec_json, max_attempts, monitor, \
+             created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                name,
+                spec.name,
+                version,
+                spec_json,
+                spec.train.max_attempts,
+                spec.train.monitor.as_str(),
+                now_ms()
+            ],
+        )?;
+        let sweep_id = tx.last_insert_rowid();
+        let length = spec.data.max_len.unwrap_or(512) as f64;
+        let steps = spec.train.steps_per_epoch.unwrap_or(100) as f64;
+        for job in spec.jobs() {
+            let cost = job.kind.relative_cost() * length * steps * spec.train.epochs as f64;
+            tx.execute(
+                "INSERT INTO jobs (sweep_id, model, kind, rotation, state, cost) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    sweep_id,
+                    job.model,
+                    job.kind.as_str(),
+                    job.rotation as i64,
+                    state::PENDING,
+                    cost
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(SubmitOutcome {
+            sweep: name,
+            n_jobs,
+            created: true,
+        })
+    }
+
+    /// Re-queues (or fails) every RUNNING job whose lease deadline passed.
+    /// Returns the number of expired leases.
+    pub fn expire_leases(&self, now: i64) -> StoreResult<usize> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = expire_in(&tx, now)?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Leases the queued job with the largest expected cost.
+    pub fn lease(
+        &self,
+        worker_id: &str,
+        sweep: Option<&str>,
+        now: i64,
+        ttl_ms: i64,
+    ) -> StoreResult<LeaseOutcome> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        expire_in(&tx, now)?;
+
+        let sweep_id: Option<i64> = match sweep {
+            Some(name) => Some(
+                tx.query_row("SELECT id FROM sweeps WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()?
+                .ok_or_else(|| StoreError::NoSweep(name.to_string()))?,
+            ),
+            None => None,
+        };
+
+        let candidate: Option<(i64, u32, String, String, u32, String)> = tx
+            .query_row(
+                "SELECT j.id, j.attempt, s.name, j.model, j.rotation, s.spec_json \
+                 FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
+                 WHERE j.state = ?1 AND s.cancelled = 0 AND (?2 IS NULL OR j.sweep_id = ?2) \
+                 ORDER BY j.cost DESC, j.id LIMIT 1",
+                params![state::PENDING, sweep_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .optional()?;
+
+        let outcome = match candidate {
+            Some((job_id, attempt, sweep, model, rotation, spec_json)) => {
+                let attempt = attempt + 1;
+                let token = new_token();
+                tx.execute(
+                    "UPDATE jobs SET state = ?1, attempt = ?2, lease_token = ?3, worker_id = ?4, \
+                     lease_deadline_ms = ?5, attempt_started_ms = ?6 WHERE id = ?7",
+                    params![
+                        state::RUNNING,
+                        attempt,
+                        token,
+                        worker_id,
+                        now + ttl_ms,
+                        now,
+                        job_id
+                    ],
+                )?;
+                LeaseOutcome::Leased(Lease {
+                    job_id,
+                    attempt,
+                    token,
+                    sweep,
+                    model,
+                    rotation,
+                    spec_json,
+                })
+            }
+            None => {
+                let running: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM jobs WHERE state = ?1 AND (?2 IS NULL OR sweep_id = ?2)",
+                    params![state::RUNNING, sweep_id],
+                    |r| r.get(0),
+                )?;
+                if running > 0 {
+                    LeaseOutcome::Wait
+                } else {
+                    LeaseOutcome::Drained
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Extends a lease. Returns true when the job's sweep was cancelled.
+    pub fn heartbeat(&self, at: &AttemptRef, now: i64, ttl_ms: i64) -> StoreResult<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let cancelled = check_fence(&tx, at)?;
+        tx.execute(
+            "UPDATE jobs SET lease_deadline_ms = ?1 WHERE id = ?2",
+            params![now + ttl_ms, at.job_id],
+        )?;
+        tx.commit()?;
+        Ok(cancelled)
+    }
+
+    /// Stores one epoch row. Returns (stored, cancelled); `stored` is false
+    /// for a re-sent report.
+    pub fn report_epoch(
+        &self,
+        at: &AttemptRef,
+        m: &EpochMetrics,
+        now: i64,
+        ttl_ms: i64,
+    ) -> StoreResult<(bool, bool)> {
+        if m.epoch == 0 {
+            return Err(StoreError::Invalid("epoch numbers start at 1".into()));
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let cancelled = check_fence(&tx, at)?;
+        let n = tx.execute(
+            "INSERT OR IGNORE INTO epochs (job_id, attempt, epoch, train_loss, train_accuracy, \
+             val_loss, val_accuracy, seconds, examples_per_second) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                at.job_id,
+                at.attempt,
+                m.epoch,
+                m.train_loss,
+                m.train_accuracy,
+                m.val_loss,
+                m.val_accuracy,
+                m.seconds,
+                m.examples_per_second
+            ],
+        )?;
+
+        // Keep the status columns (last epoch, best monitored metric) current.
+        let monitor: String = tx.query_row(
+            "SELECT s.monitor FROM sweeps s JOIN jobs j ON j.sweep_id = s.id WHERE j.id = ?1",
+            [at.job_id],
+            |r| r.get(0),
+        )?;
+        let best_sql = if monitor == "val_loss" {
+            "MIN(val_loss)"
+        } else {
+            "MAX(val_accuracy)"
+        };
+        let (last_epoch, best): (Option<u32>, Option<f64>) = tx.query_row(
+            &format!(
+                "SELECT MAX(epoch), {best_sql} FROM epochs e WHERE job_id = ?1 AND {VISIBLE_EPOCHS}"
+            ),
+            [at.job_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        tx.execute(
+            "UPDATE jobs SET last_epoch = ?1, best_metric = ?2, lease_deadline_ms = ?3 \
+             WHERE id = ?4",
+            params![last_epoch.unwrap_or(0), best, now + ttl_ms, at.job_id],
+        )?;
+        tx.commit()?;
+        Ok((n == 1, cancelled))
+    }
+
+    /// Stores a job's test result and ends its lease: COMPLETED, or INVALID
+    /// when the accuracy is not finite. Completing a job of a cancelled
+    /// sweep stores nothing and marks it CANCELLED.
+    pub fn complete(&self, at: &AttemptRef, c: &Completion, now: i64) -> StoreResult<()> {
+        let n = c.labels.len();
+        if c.confusion.len() != n || c.confusion.iter().any(|row| row.len() != n) {
+            return Err(StoreError::Invalid(format!(
+                "confusion matrix must be {n}x{n} for {n} labels"
+            )));
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let cancelled = check_fence(&tx, at)?;
+        let run_ms = run_ms_of(&tx, at.job_id, now)?;
+        if cancelled {
+            tx.execute(
+                "UPDATE jobs SET state = ?1, lease_token = NULL, run_ms = ?2 WHERE id = ?3",
+                params![state::CANCELLED, run_ms, at.job_id],
+            )?;
+            tx.commit()?;
+            return Ok(());
+        }
+
+        let accuracy = c.test_accuracy.is_finite().then_some(c.test_accuracy);
+        tx.execute(
+            "INSERT OR REPLACE INTO results (job_id, attempt, test_accuracy, test_loss, \
+             labels_json, confusion_json, epochs_trained, best_epoch, n_test) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                at.job_id,
+                at.attempt,
+                accuracy,
+                c.test_loss.is_finite().then_some(c.test_loss),
+                serde_json::to_string(&c.labels).expect("strings serialise"),
+                serde_json::to_string(&c.confusion).expect("integers serialise"),
+                c.epochs_trained,
+                c.best_epoch,
+                c.n_test
+            ],
+        )?;
+        let new_state = if accuracy.is_some() {
+            state::COMPLETED
+        } else {
+            state::INVALID
+        };
+        tx.execute(
+            "UPDATE jobs SET state = ?1, lease_token = NULL, lease_deadline_ms = NULL, \
+             run_ms = ?2 WHERE id = ?3",
+            params![new_state, run_ms, at.job_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a failed attempt. The job goes back to the queue while
+    /// attempts remain; returns true when it was re-queued.
+    pub fn fail(&self, at: &AttemptRef, reason: &str, job_fault: bool, now: i64) -> StoreResult<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let cancelled = check_fence(&tx, at)?;
+        let run_ms = run_ms_of(&tx, at.job_id, now)?;
+        let max_attempts: u32 = tx.query_row(
+            "SELECT s.max_attempts FROM sweeps s JOIN jobs j ON j.sweep_id = s.id WHERE j.id = ?1",
+            [at.job_id],
+            |r| r.get(0),
+        )?;
+        let (new_state, requeued) = if cancelled {
+            (state::CANCELLED, false)
+        } else if at.attempt >= max_attempts {
+            (state::FAILED, false)
+        } else {
+            (state::PENDING, true)
+        };
+        let counter = if job_fault {
+            "job_failures"
+        } else {
+            "infra_failures"
+        };
+        tx.execute(
+            &format!(
+                "UPDATE jobs SET state = ?1, lease_token = NULL, lease_deadline_ms = NULL, \
+                 last_error = ?2, {counter} = {counter} + 1, run_ms = ?3 WHERE id = ?4"
+            ),
+            params![new_state, reason, run_ms, at.job_id],
+        )?;
+        tx.commit()?;
+        Ok(requeued)
+    }
+
+    /// Cancels a sweep: pending jobs become CANCELLED at once, running ones
+    /// are told on their next heartbeat or report. Returns (pending
+    /// cancelled, running signalled).
+    pub fn cancel(&self, sweep: &str) -> StoreResult<(usize, usize)> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let sweep_id = sweep_id_in(&tx, sweep)?;
+        tx.execute("UPDATE sweeps SET cancelled = 1 WHERE id = ?1", [sweep_id])?;
+        let pending = tx.execute(
+            "UPDATE jobs SET state = ?1 WHERE sweep_id = ?2 AND state = ?3",
+            params![state::CANCELLED, sweep_id, state::PENDING],
+        )?;
+        let running: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE sweep_id = ?1 AND state = ?2",
+            params![sweep_id, state::RUNNING],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok((pending, running as usize))
+    }
+
+    /// Names of all sweeps, oldest first.
+    pub fn sweeps(&self) -> StoreResult<Vec<String>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT name FROM sweeps ORDER BY id")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The stored spec of a sweep.
+    pub fn spec_json(&self, sweep: &str) -> StoreResult<String> {
+        let conn = self.lock();
+        conn.query_row("SELECT spec_json FROM sweeps WHERE name = ?1", [sweep], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .ok_or_else(|| StoreError::NoSweep(sweep.to_string()))
+    }
+
+    /// Every job of a sweep, by id.
+    pub fn jobs(&self, sweep: &str, now: i64) -> StoreResult<Vec<JobView>> {
+        let conn = self.lock();
+        let sweep_id = sweep_id_in(&conn, sweep)?;
+        let mut stmt = conn.prepare(
+            "SELECT j.id, j.model, j.kind, j.rotation, j.state, j.attempt, j.worker_id, \
+             j.last_epoch, j.best_metric, j.attempt_started_ms, j.run_ms, j.last_error, \
+             r.test_accuracy \
+             FROM jobs j LEFT JOIN results r ON r.job_id = j.id \
+             WHERE j.sweep_id = ?1 ORDER BY j.id",
+        )?;
+        let rows = stmt.query_map([sweep_id], |r| {
+            let state: String = r.get(4)?;
+            let started: Option<i64> = r.get(9)?;
+            let run_ms: i64 = r.get(10)?;
+            let elapsed_ms = if state == state::RUNNING {
+                started.map_or(0, |s| now - s)
+            } else {
+                run_ms
+            };
+            Ok(JobView {
+                job_id: r.get(0)?,
+                model: r.get(1)?,
+                kind: r.get(2)?,
+                rotation: r.get(3)?,
+                state,
+                attempt: r.get(5)?,
+                worker_id: r.get(6)?,
+                epoch: r.get(7)?,
+                best_metric: r.get(8)?,
+                elapsed_seconds: elapsed_ms as f64 / 1000.0,
+                last_error: r.get(11)?,
+                test_accuracy: r.get(12)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Visible epoch rows of a sweep: one per (job, epoch), by job then epoch.
+    pub fn epochs(&self, sweep: &str) -> StoreResult<Vec<EpochRow>> {
+        let conn = self.lock();
+        let sweep_id = sweep_id_in(&conn, sweep)?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT e.job_id, j.model, j.rotation, e.attempt, e.epoch, e.train_loss, \
+             e.train_accuracy, e.val_loss, e.val_accuracy, e.seconds, e.examples_per_second \
+             FROM epochs e JOIN jobs j ON j.id = e.job_id \
+             WHERE j.sweep_id = ?1 AND {VISIBLE_EPOCHS} ORDER BY e.job_id, e.epoch"
+        ))?;
+        let rows = stmt.query_map([sweep_id], |r| {
+            let f = |i: usize| -> rusqlite::Result<f64> {
+                Ok(r.get::<_, Option<f64>>(i)?.unwrap_or(f64::NAN))
+            };
+            Ok(EpochRow {
+                job_id: r.get(0)?,
+                model: r.get(1)?,
+                rotation: r.get(2)?,
+                attempt: r.get(3)?,
+                metrics: EpochMetrics {
+                    epoch: r.get(4)?,
+                    train_loss: f(5)?,
+                    train_accuracy: f(6)?,
+                    val_loss: f(7)?,
+                    val_accuracy: f(8)?,
+                    seconds: f(9)?,
+                    examples_per_second: f(10)?,
+                },
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The cross-rotation summary of a sweep (partial while it runs).
+    pub fn summary(&self, sweep: &str) -> StoreResult<Summary> {
+        let conn = self.lock();
+        let sweep_id = sweep_id_in(&conn, sweep)?;
+
+        let mut grid: Vec<GridModel> = Vec::new();
+        let mut complete = true;
+        {
+            let mut stmt = conn.prepare(
+                "SELECT model, kind, COUNT(*), SUM(state IN ('COMPLETED','INVALID','FAILED',\
+                 'CANCELLED')) FROM jobs WHERE sweep_id = ?1 GROUP BY model, kind ORDER BY model",
+            )?;
+            let rows = stmt.query_map([sweep_id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (name, kind, n_total, n_final) = row?;
+                complete &= n_final == n_total;
+                grid.push(GridModel {
+                    name,
+                    kind,
+                    n_total: n_total as usize,
+                });
+            }
+        }
+
+        // Seconds per epoch come from the visible epoch rows of each job.
+        let mut stmt = conn.prepare(&format!(
+            "SELECT j.model, j.rotation, r.test_accuracy, r.epochs_trained, r.best_epoch, \
+             r.labels_json, r.confusion_json, \
+             (SELECT AVG(e.seconds) FROM epochs e WHERE e.job_id = j.id AND {VISIBLE_EPOCHS}) \
+             FROM results r JOIN jobs j ON j.id = r.job_id \
+             WHERE j.sweep_id = ?1 AND j.state IN ('COMPLETED', 'INVALID')"
+        ))?;
+        let rows = stmt.query_map([sweep_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<f64>>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, u32>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, Option<f64>>(7)?,
+            ))
+        })?;
+        let mut results = Vec::new();
+        for row in rows {
+            let (model, rotation, acc, epochs, best_epoch, labels, confusion, spe) = row?;
+            let corrupt = |e: serde_json::Error| {
+                StoreError::Invalid(format!("stored result of {model}/{rotation}: {e}"))
+            };
+            results.push(JobResult {
+                model: model.clone(),
+                rotation: rotation as usize,
+                test_accuracy: acc.unwrap_or(f64::NAN),
+                epochs,
+                best_epoch,
+                seconds_per_epoch: spe.unwrap_or(f64::NAN),
+                labels: serde_json::from_str(&labels).map_err(corrupt)?,
+                confusion: serde_json::from_str(&confusion).map_err(corrupt)?,
+            });
+        }
+        summary::summarize(sweep, &grid, &results, complete)
+            .map_err(|e| StoreError::Invalid(e.to_string()))
+    }
+
+    /// True when every job of the sweep is in a final state.
+    pub fn is_finished(&self, sweep: &str) -> StoreResult<bool> {
+        let conn = self.lock();
+        let sweep_id = sweep_id_in(&conn, sweep)?;
+        let open: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE sweep_id = ?1 AND state IN ('PENDING', 'RUNNING')",
+            [sweep_id],
+            |r| r.get(0),
+        )?;
+        Ok(open == 0)
+    }
+}
+
+fn sweep_id_in(conn: &Connection, sweep: &str) -> StoreResult<i64> {
+    conn.query_row("SELECT id FROM sweeps WHERE name = ?1", [sweep], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::NoSweep(sweep.to_string()))
+}
+
+/// Checks that `at` holds the job's lease. Returns whether its sweep was
+/// cancelled (the holder should stop).
+fn check_fence(conn: &Connection, at: &AttemptRef) -> StoreResult<bool> {
+    let row: Option<(String, u32, Option<String>, i64)> = conn
+        .query_row(
+            "SELECT j.state, j.attempt, j.lease_token, s.cancelled \
+             FROM jobs j JOIN sweeps s ON s.id = j.sweep_id WHERE j.id = ?1",
+            [at.job_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let (state, attempt, token, cancelled) = row.ok_or(StoreError::NoJob(at.job_id))?;
+    let stale = |why: String| StoreError::Stale {
+        job_id: at.job_id,
+        attempt: at.attempt,
+        why,
+    };
+    if attempt != at.attempt {
+        return Err(stale(format!("the job is at attempt {attempt}")));
+    }
+    if state != state::RUNNING {
+        return Err(stale(format!("the job is {state}")));
+    }
+    if token.as_deref() != Some(at.token.as_str()) {
+        return Err(stale("wrong lease token".into()));
+    }
+    Ok(cancelled != 0)
+}
+
+fn run_ms_of(conn: &Connection, job_id: i64, now: i64) -> StoreResult<i64> {
+    let (started, run_ms): (Option<i64>, i64) = conn.query_row(
+        "SELECT attempt_started_ms, run_ms FROM jobs WHERE id = ?1",
+        [job_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(run_ms + started.map_or(0, |s| (now - s).max(0)))
+}
+
+fn expire_in(conn: &Connection, now: i64) -> StoreResult<usize> {
+    let expired: Vec<(i64, u32, u32)> = {
+        let mut stmt = conn.prepare(
+            "SELECT j.id, j.attempt, s.max_attempts FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
+             WHERE j.state = ?1 AND j.lease_deadline_ms < ?2",
+        )?;
+        let rows = stmt.query_map(params![state::RUNNING, now], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for &(job_id, attempt, max_attempts) in &expired {
+        let run_ms = run_ms_of(conn, job_id, now)?;
+        let (new_state, reason) = if attempt >= max_attempts {
+            (
+                state::FAILED,
+                format!("lease expired on attempt {attempt} of {max_attempts} (worker lost)"),
+            )
+        } else {
+            (
+                state::PENDING,
+                format!("lease expired on attempt {attempt} (worker lost)"),
+            )
+        };
+        conn.execute(
+            "UPDATE jobs SET state = ?1, lease_token = NULL, lease_deadline_ms = NULL, \
+             last_error = ?2, infra_failures = infra_failures + 1, run_ms = ?3 WHERE id = ?4",
+            params![new_state, reason, run_ms, job_id],
+        )?;
+    }
+    Ok(expired.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, epochs: usize) -> SweepSpec {
+        let text = format!(
+            "name = \"{name}\"\n[data]\ndir = \"/nonexistent\"\nrotations = [0, 1]\n\
+             [train]\nepochs = {epochs}\nmax_attempts = 2\n[models.gru]\nkind = \"gru\"\n\
+             [models.rnn]\nkind = \"rnn\"\n"
+        );
+        SweepSpec::from_toml(&text, Path::new("t.toml")).unwrap()
+    }
+
+    fn temp_store(tag: &str) -> Store {
+        let dir = std::env::temp_dir().join(format!("rotsweep-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Store::open(&dir).unwrap()
+    }
+
+    fn leased(o: LeaseOutcome) -> Lease {
+        match o {
+            LeaseOutcome::Leased(l) => l,
+            other => panic!("expected a lease, got {other:?}"),
+        }
+    }
+
+    fn at(l: &Lease) -> AttemptRef {
+        AttemptRef {
+            job_id: l.job_id,
+            attempt: l.attempt,
+            token: l.token.clone(),
+        }
+    }
+
+    fn metrics(epoch: u32) -> EpochMetrics {
+        EpochMetrics {
+            epoch,
+            val_accuracy: epoch as f64 / 10.0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn resubmitting_a_different_spec_is_refused_without_new_version() {
+        let store = temp_store("submit");
+        let first = store.submit(&spec("s", 2), false).unwrap();
+        assert_eq!((first.sweep.as_str(), first.n_jobs, first.created), ("s", 4, true));
+        let same = store.submit(&spec("s", 2), false).unwrap();
+        assert!(!same.created);
+        let err = store.submit(&spec("s", 3), false).unwrap_err();
+        assert!(matches!(err, StoreError::SpecConflict(_)), "{err}");
+        let v2 = store.submit(&spec("s", 3), true).unwrap();
+        assert_eq!(v2.sweep, "s.v2");
+        assert_eq!(store.sweeps().unwrap(), vec!["s", "s.v2"]);
+    }
+
+    #[test]
+    fn leases_go_largest_cost_first_and_never_twice() {
+        let store = temp_store("lease");
+        store.submit(&spec("s", 2), false).unwrap();
+        let a = leased(store.lease("w1", None, 0, 1000).unwrap());
+        let b = leased(store.lease("w2", None, 0, 1000).unwrap());
+        // gru costs more than rnn, so both gru rotations go first.
+        assert_eq!((a.model.as_str(), b.model.as_str()), ("gru", "gru"));
+        assert_ne!(a.job_id, b.job_id);
+        let _ = leased(store.lease("w3", None, 0, 1000).unwrap());
+        let _ = leased(store.lease("w4", None, 0, 1000).unwrap());
+        assert_eq!(store.lease("w5", None, 0, 1000).unwrap(), LeaseOutcome::Wait);
+    }
+
+    #[test]
+    fn stale_attempts_are_fenced_and_epochs_are_exactly_once() {
+        let store = temp_store("fence");
+        store.submit(&spec("s", 2), false).unwrap();
+        let first = leased(store.lease("w1", Some("s"), 0, 100).unwrap());
+        assert!(store.report_epoch(&at(&first), &metrics(1), 10, 100).unwrap().0);
+        assert!(store.report_epoch(&at(&first), &metrics(2), 10, 100).unwrap().0);
+        // A re-sent report is a no-op.
+        assert!(!store.report_epoch(&at(&first), &metrics(2), 10, 100).unwrap().0);
+
+        // The lease expires; the next lease of that job is attempt 2.
+        let mut second = None;
+        for _ in 0..4 {
+            let l = leased(store.lease("w2", Some("s"), 1000, 100).unwrap());
+            if l.job_id == first.job_id {
+                second = Some(l);
+            }
+        }
+        let second = second.expect("the expired job is leased again");
+        assert_eq!(second.attempt, 2);
+        let err = store.report_epoch(&at(&first), &metrics(3), 1000, 100).unwrap_err();
+        assert!(matches!(err, StoreError::Stale { .. }), "{err}");
+
+        // Attempt 2 resumed from a checkpoint after epoch 1: its epoch 2
+        // supersedes attempt 1's epoch 2.
+        store.report_epoch(&at(&second), &metrics(2), 1000, 100).unwrap();
+        store.report_epoch(&at(&second), &metrics(3), 1000, 100).unwrap();
+        let rows: Vec<(u32, u32)> = store
+            .epochs("s")
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.job_id == first.job_id)
+            .map(|r| (r.metrics.epoch, r.attempt))
+            .collect();
+        assert_eq!(rows, vec![(1, 1), (2, 2), (3, 2)]);
+    }
+
+    #[test]
+    fn failures_requeue_until_the_attempt_limit() {
+        let store = temp_store("fail");
+        store.submit(&spec("s", 1), false).unwrap();
+        let l1 = leased(store.lease("w", None, 0, 1000).unwrap());
+        assert!(store.fail(&at(&l1), "boom", true, 5).unwrap());
+        let l2 = leased(store.lease("w", None, 10, 1000).unwrap());
+        assert_eq!((l2.job_id, l2.attempt), (l1.job_id, 2));
+        assert!(!store.fail(&at(&l2), "boom again", true, 20).unwrap());
+        let jobs = store.jobs("s", 30).unwrap();
+        let job = jobs.iter().find(|j| j.job_id == l1.job_id).unwrap();
+        assert_eq!(job.state, state::FAILED);
+        assert_eq!(job.last_error, "boom again");
+    }
+
+    #[test]
+    fn nan_accuracy_completes_as_invalid_and_is_excluded() {
+        let store = temp_store("invalid");
+        store.submit(&spec("s", 1), false).unwrap();
+        let done = |l: &Lease, acc: f64| {
+            let c = Completion {
+                test_accuracy: acc,
+                test_loss: 1.0,
+                labels: vec!["A".into(), "B".into()],
+                confusion: vec![vec![3, 1], vec![0, 4]],
+                epochs_trained: 1,
+                best_epoch: 1,
+                n_test: 8,
+            };
+            store.complete(&at(l), &c, 1).unwrap();
+        };
+        let l1 = leased(store.lease("w", None, 0, 1000).unwrap());
+        let l2 = leased(store.lease("w", None, 0, 1000).unwrap());
+        done(&l1, 0.875);
+        done(&l2, f64::NAN);
+        let s = store.summary("s").unwrap();
+        let gru = s.models.iter().find(|m| m.name == "gru").unwrap();
+        assert_eq!((gru.n_used, gru.n_total), (1, 2));
+        assert_eq!(gru.confusion, vec![vec![3, 1], vec![0, 4]]);
+        assert!(!s.complete);
+        let states: Vec<String> = store.jobs("s", 2).unwrap().into_iter().map(|j| j.state).collect();
+        assert!(states.contains(&state::INVALID.to_string()));
+    }
+
+    #[test]
+    fn cancel_turns_pending_jobs_cancelled_and_signals_running_ones() {
+        let store = temp_store("cancel");
+        store.submit(&spec("s", 1), false).unwrap();
+        let l = leased(store.lease("w", None, 0, 1000).unwrap());
+        assert_eq!(store.cancel("s").unwrap(), (3, 1));
+        assert!(store.heartbeat(&at(&l), 1, 1000).unwrap());
+        assert_eq!(store.lease("w", None, 2, 1000).unwrap(), LeaseOutcome::Wait);
+        store.fail(&at(&l), "cancelled", false, 3).unwrap();
+        assert!(store.is_finished("s").unwrap());
+        let jobs = store.jobs("s", 4).unwrap();
+        assert!(jobs.iter().all(|j| j.state == state::CANCELLED));
+    }
+}
