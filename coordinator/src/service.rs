@@ -371,7 +371,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let (job_id, attempt) = (at.job_id, at.attempt);
         let reason = req.reason.clone();
         let requeued = self
-            .blocking(move |s| s.fail(&at, &req.reason, req.job_fault, store::now_ms()))
+            .blocking(move |s| s.fail(&at, &req.reason, req.job_fault, req.release, store::now_ms()))
             .await?;
         tracing::warn!(job_id, attempt, requeued, error = %reason, "job attempt failed");
         self.publish(Event::Finished {

@@ -259,6 +259,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_epoch         INTEGER NOT NULL DEFAULT 0,
     best_metric        REAL,
     run_ms             INTEGER NOT NULL DEFAULT 0,
+    released           INTEGER NOT NULL DEFAULT 0,
     UNIQUE (sweep_id, model, rotation)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, cost DESC, id);
@@ -633,20 +634,39 @@ impl Store {
     }
 
     /// Records a failed attempt. The job goes back to the queue while
-    /// attempts remain; returns true when it was re-queued.
-    pub fn fail(&self, at: &AttemptRef, reason: &str, job_fault: bool, now: i64) -> StoreResult<bool> {
+    /// attempts remain; returns true when it was re-queued. A `release`
+    /// (graceful worker shutdown) always re-queues and does not count
+    /// against the attempt limit.
+    pub fn fail(
+        &self,
+        at: &AttemptRef,
+        reason: &str,
+        job_fault: bool,
+        release: bool,
+        now: i64,
+    ) -> StoreResult<bool> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let cancelled = check_fence(&tx, at)?;
         let run_ms = run_ms_of(&tx, at.job_id, now)?;
-        let max_attempts: u32 = tx.query_row(
-            "SELECT s.max_attempts FROM sweeps s JOIN jobs j ON j.sweep_id = s.id WHERE j.id = ?1",
+        let (max_attempts, released): (u32, u32) = tx.query_row(
+            "SELECT s.max_attempts, j.released FROM sweeps s JOIN jobs j ON j.sweep_id = s.id \
+             WHERE j.id = ?1",
             [at.job_id],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
+        if release && !cancelled {
+            tx.execute(
+                "UPDATE jobs SET state = ?1, lease_token = NULL, lease_deadline_ms = NULL, \
+                 released = released + 1, run_ms = ?2 WHERE id = ?3",
+                params![state::PENDING, run_ms, at.job_id],
+            )?;
+            tx.commit()?;
+            return Ok(true);
+        }
         let (new_state, requeued) = if cancelled {
             (state::CANCELLED, false)
-        } else if at.attempt >= max_attempts {
+        } else if at.attempt.saturating_sub(released) >= max_attempts {
             (state::FAILED, false)
         } else {
             (state::PENDING, true)
@@ -909,7 +929,8 @@ fn run_ms_of(conn: &Connection, job_id: i64, now: i64) -> StoreResult<i64> {
 fn expire_in(conn: &Connection, now: i64) -> StoreResult<usize> {
     let expired: Vec<(i64, u32, u32)> = {
         let mut stmt = conn.prepare(
-            "SELECT j.id, j.attempt, s.max_attempts FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
+            "SELECT j.id, j.attempt - j.released, s.max_attempts \
+             FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
              WHERE j.state = ?1 AND j.lease_deadline_ms < ?2",
         )?;
         let rows = stmt.query_map(params![state::RUNNING, now], |r| {
@@ -1051,10 +1072,10 @@ mod tests {
         let store = temp_store("fail");
         store.submit(&spec("s", 1), false).unwrap();
         let l1 = leased(store.lease("w", None, 0, 1000).unwrap());
-        assert!(store.fail(&at(&l1), "boom", true, 5).unwrap());
+        assert!(store.fail(&at(&l1), "boom", true, false, 5).unwrap());
         let l2 = leased(store.lease("w", None, 10, 1000).unwrap());
         assert_eq!((l2.job_id, l2.attempt), (l1.job_id, 2));
-        assert!(!store.fail(&at(&l2), "boom again", true, 20).unwrap());
+        assert!(!store.fail(&at(&l2), "boom again", true, false, 20).unwrap());
         let jobs = store.jobs("s", 30).unwrap();
         let job = jobs.iter().find(|j| j.job_id == l1.job_id).unwrap();
         assert_eq!(job.state, state::FAILED);
@@ -1098,7 +1119,7 @@ mod tests {
         assert_eq!(store.cancel("s").unwrap(), (3, 1));
         assert!(store.heartbeat(&at(&l), 1, 1000).unwrap());
         assert_eq!(store.lease("w", None, 2, 1000).unwrap(), LeaseOutcome::Wait);
-        store.fail(&at(&l), "cancelled", false, 3).unwrap();
+        store.fail(&at(&l), "cancelled", false, false, 3).unwrap();
         assert!(store.is_finished("s").unwrap());
         let jobs = store.jobs("s", 4).unwrap();
         assert!(jobs.iter().all(|j| j.state == state::CANCELLED));

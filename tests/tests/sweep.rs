@@ -1,0 +1,244 @@
+//! The vertical slice end to end: a real `rotsweep serve`, two real
+//! `rotsweep-worker` processes and the gRPC client, on loopback, training a
+//! tiny spec on real Pfam sequences; then `rotsweep run` doing the same in
+//! one command, and bad input failing with a clear message.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rotsweep_proto as pb;
+use rotsweep_tests::*;
+
+const TOKEN: &str = "e2e-test-token-0123456789";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+#[test]
+fn two_workers_train_a_sweep_and_every_row_is_stored_once() -> anyhow::Result<()> {
+    let dir = temp_dir("slice");
+    let spec = tiny_spec(&dir, "slice", &["gru"], &[0, 3], 2);
+    let server = Server::start(&dir.join("state"), Some(TOKEN), 10.0)?;
+
+    let (code, out, err) = cli(
+        &["submit", spec.to_str().unwrap(), "--coordinator", &server.url, "--format", "json"],
+        Some(TOKEN),
+    )?;
+    assert_eq!(code, 0, "submit failed: {err}");
+    let submitted: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(submitted["sweep"], "slice");
+    assert_eq!(submitted["n_jobs"], 2);
+
+    let mut workers = vec![
+        start_worker(&server.url, Some(TOKEN), "w0", "slice", &dir)?,
+        start_worker(&server.url, Some(TOKEN), "w1", "slice", &dir)?,
+    ];
+    for w in workers.iter_mut() {
+        let status = w.wait_timeout(Duration::from_secs(240));
+        if !matches!(&status, Ok(s) if s.success()) {
+            dump_logs(&dir);
+            panic!("{} did not finish cleanly: {status:?}", w.name);
+        }
+    }
+
+    let rt = runtime();
+    let (status, epochs, summary) = rt.block_on(async {
+        let mut client = pb::connect(
+            &server.url,
+            Some(pb::auth::Token::new(TOKEN).expect("valid token")),
+        )
+        .await?;
+        let status = client
+            .sweep_status(pb::SweepStatusRequest { sweep: "slice".into() })
+            .await?
+            .into_inner();
+        let epochs = client
+            .list_epochs(pb::ListEpochsRequest { sweep: "slice".into() })
+            .await?
+            .into_inner();
+        let summary = client
+            .sweep_summary(pb::SweepSummaryRequest { sweep: "slice".into() })
+            .await?
+            .into_inner();
+        anyhow::Ok((status, epochs, summary))
+    })?;
+
+    // Both jobs completed on their first attempt.
+    assert_eq!(status.jobs.len(), 2);
+    for j in &status.jobs {
+        assert_eq!(j.state, "COMPLETED", "job {j:?}");
+        assert_eq!(j.attempt, 1);
+        assert_eq!(j.epoch, 2);
+        assert!((0.0..=1.0).contains(&j.test_accuracy));
+    }
+
+    // Exactly epochs 1 and 2 of each job, once each, with sane metrics.
+    let mut per_job: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+    for row in &epochs.rows {
+        let m = row.metrics.expect("metrics present");
+        per_job.entry(row.job_id).or_default().push(m.epoch);
+        assert!(m.train_loss.is_finite() && m.train_loss > 0.0);
+        assert!((0.0..=1.0).contains(&m.val_accuracy));
+        assert!(m.seconds > 0.0 && m.examples_per_second > 0.0);
+    }
+    assert_eq!(per_job.len(), 2);
+    assert!(per_job.values().all(|e| e == &vec![1, 2]), "{per_job:?}");
+
+    // The summary covers both rotations; the summed confusion matrix counts
+    // every test sequence of folds 4 (rotation 0) and 2 (rotation 3) once.
+    assert!(summary.complete);
+    assert_eq!(summary.labels.len(), 15);
+    let gru = &summary.models[0];
+    assert_eq!((gru.name.as_str(), gru.n_used, gru.n_total), ("gru", 2, 2));
+    let n_test: u64 = gru.confusion.iter().sum();
+    assert_eq!(n_test, 273 + 274, "fold 4 has 273 rows, fold 2 has 274");
+    let rotations: Vec<u32> = gru.rotations.iter().map(|r| r.rotation).collect();
+    assert_eq!(rotations, vec![0, 3]);
+    let mean = gru.rotations.iter().map(|r| r.test_accuracy).sum::<f64>() / 2.0;
+    assert!((gru.mean - mean).abs() < 1e-12);
+
+    // The CLI's JSON summary has the documented shape.
+    let (code, out, err) = cli(
+        &["summary", "slice", "--coordinator", &server.url, "--format", "json"],
+        Some(TOKEN),
+    )?;
+    assert_eq!(code, 0, "summary failed: {err}");
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(json["sweep"], "slice");
+    assert_eq!(json["labels"].as_array().map(Vec::len), Some(15));
+    let model = &json["models"][0];
+    assert_eq!(model["name"], "gru");
+    assert_eq!(model["kind"], "gru");
+    assert_eq!(model["rotations"].as_array().map(Vec::len), Some(2));
+    assert_eq!(model["rotations"][0]["epochs"], 2);
+    assert!(model["rotations"][0]["seconds_per_epoch"].as_f64().unwrap() > 0.0);
+    assert!(model["std"].as_f64().is_some());
+    assert_eq!(model["confusion"].as_array().map(Vec::len), Some(15));
+    Ok(())
+}
+
+#[test]
+fn run_trains_a_sweep_with_local_workers_and_writes_summary_json() -> anyhow::Result<()> {
+    let dir = temp_dir("run");
+    let spec = tiny_spec(&dir, "local", &["rnn", "mha"], &[1], 1);
+    let state = dir.join("state");
+    let (code, out, err) = cli(
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--local-workers",
+            "2",
+            "--threads",
+            "1",
+            "--state",
+            state.to_str().unwrap(),
+        ],
+        None,
+    )?;
+    assert_eq!(code, 0, "run failed:\n{err}");
+    assert!(out.contains("mha") && out.contains("rnn"), "table: {out}");
+
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("summary.json"))?)?;
+    assert_eq!(summary["sweep"], "local");
+    assert_eq!(summary["complete"], true);
+    let names: Vec<&str> = summary["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["mha", "rnn"]);
+    for m in summary["models"].as_array().unwrap() {
+        assert_eq!(m["n_used"], 1);
+        let acc = m["rotations"][0]["test_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+    }
+
+    // Running the same command again resumes the stored sweep: nothing is
+    // retrained and the summary is unchanged.
+    let (code, out2, err) = cli(
+        &["run", spec.to_str().unwrap(), "--state", state.to_str().unwrap()],
+        None,
+    )?;
+    assert_eq!(code, 0, "second run failed:\n{err}");
+    assert_eq!(out, out2);
+
+    // A changed spec under the same name is refused and the results survive.
+    let changed = std::fs::read_to_string(&spec)?.replace("epochs = 1", "epochs = 2");
+    std::fs::write(&spec, changed)?;
+    let (code, _, err) = cli(
+        &["run", spec.to_str().unwrap(), "--state", state.to_str().unwrap()],
+        None,
+    )?;
+    assert_ne!(code, 0);
+    assert!(err.contains("different spec"), "{err}");
+    let after: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("summary.json"))?)?;
+    assert_eq!(after, summary);
+    Ok(())
+}
+
+#[test]
+fn bad_input_fails_with_the_file_and_line_or_key() -> anyhow::Result<()> {
+    let dir = temp_dir("bad");
+
+    // A malformed line in one fold.
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    for k in 0..5 {
+        std::fs::copy(
+            repo_root().join(format!("examples/data/pfam-real/pfam_fold_{k}.csv")),
+            data.join(format!("pfam_fold_{k}.csv")),
+        )?;
+    }
+    let mut fold2 = std::fs::read_to_string(data.join("pfam_fold_2.csv"))?;
+    fold2.push_str("MKVLAAGIVGLLLAQ,Globin,extra\n");
+    std::fs::write(data.join("pfam_fold_2.csv"), &fold2)?;
+    let n_lines = fold2.lines().count();
+    let spec = dir.join("bad.toml");
+    std::fs::write(
+        &spec,
+        format!("name = \"bad\"\n[data]\ndir = \"{}\"\n[models.gru]\nkind = \"gru\"\n", data.display()),
+    )?;
+    let (code, _, err) = cli(&["plan", spec.to_str().unwrap()], None)?;
+    assert_ne!(code, 0);
+    assert!(err.contains(&format!("pfam_fold_2.csv:{n_lines}")), "{err}");
+
+    // An unknown key in the spec.
+    std::fs::write(&spec, "name = \"bad\"\nbatchsize = 3\n[data]\ndir = \"x\"\n")?;
+    let (code, _, err) = cli(&["run", spec.to_str().unwrap()], None)?;
+    assert_ne!(code, 0);
+    assert!(err.contains("batchsize"), "{err}");
+
+    // A missing fold file.
+    std::fs::remove_file(data.join("pfam_fold_4.csv"))?;
+    std::fs::write(
+        &spec,
+        format!("name = \"bad\"\n[data]\ndir = \"{}\"\n[models.gru]\nkind = \"gru\"\n", data.display()),
+    )?;
+    let (code, _, err) = cli(&["run", spec.to_str().unwrap(), "--state", dir.join("s").to_str().unwrap()], None)?;
+    assert_ne!(code, 0);
+    assert!(err.contains("pfam_fold_4.csv"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn plan_lists_every_model_and_rotation() -> anyhow::Result<()> {
+    let (code, out, err) = cli(
+        &["plan", repo_root().join("examples/hw6.toml").to_str().unwrap(), "--format", "json"],
+        None,
+    )?;
+    assert_eq!(code, 0, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out)?;
+    let jobs = plan["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 15);
+    let rot2 = jobs.iter().find(|j| j["model"] == "gru" && j["rotation"] == 2).unwrap();
+    assert_eq!(rot2["train_folds"], serde_json::json!([2, 3, 4]));
+    assert_eq!((rot2["val_fold"].as_u64(), rot2["test_fold"].as_u64()), (Some(0), Some(1)));
+    Ok(())
+}
