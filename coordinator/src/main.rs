@@ -142,6 +142,37 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Cancel a sweep: pending jobs become CANCELLED, running jobs stop at
+    /// their next step.
+    Cancel {
+        /// Sweep name.
+        sweep: String,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Re-queue a sweep's cancelled and failed jobs (or the states given).
+    Resume {
+        /// Sweep name.
+        sweep: String,
+        /// States to re-queue (FAILED, CANCELLED, INVALID); repeatable.
+        #[arg(long = "state")]
+        states: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Stream a sweep's live events until it finishes.
+    Watch {
+        /// Sweep name.
+        sweep: String,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Names of the stored sweeps.
     Sweeps {
         #[command(flatten)]
@@ -360,6 +391,70 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
 
+        Command::Cancel {
+            sweep,
+            remote,
+            format,
+        } => {
+            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let resp = client
+                .cancel_sweep(pb::CancelSweepRequest { sweep: sweep.clone() })
+                .await
+                .map_err(|s| rpc_error("CancelSweep", s))?
+                .into_inner();
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({"sweep": sweep, "pending_cancelled": resp.n_pending_cancelled,
+                                       "running_signalled": resp.n_running_signalled})
+                ),
+                Format::Table => println!(
+                    "cancelled sweep {sweep}: {} pending job(s) cancelled, {} running job(s) stop at their next step",
+                    resp.n_pending_cancelled, resp.n_running_signalled
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+
+        Command::Resume {
+            sweep,
+            states,
+            remote,
+            format,
+        } => {
+            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let resp = client
+                .resume_sweep(pb::ResumeSweepRequest {
+                    sweep: sweep.clone(),
+                    states,
+                })
+                .await
+                .map_err(|s| rpc_error("ResumeSweep", s))?
+                .into_inner();
+            match format {
+                Format::Json => println!("{}", serde_json::json!({"sweep": sweep, "requeued": resp.n_requeued})),
+                Format::Table => println!("re-queued {} job(s) of sweep {sweep}", resp.n_requeued),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+
+        Command::Watch {
+            sweep,
+            remote,
+            format,
+        } => {
+            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut stream = client
+                .watch(pb::WatchRequest { sweep })
+                .await
+                .map_err(|s| rpc_error("Watch", s))?
+                .into_inner();
+            while let Some(event) = stream.message().await.map_err(|s| rpc_error("Watch", s))? {
+                print_event(&event, format);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+
         Command::Sweeps { remote, format } => {
             let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
             let resp = client
@@ -560,5 +655,37 @@ fn print_epochs(resp: &pb::ListEpochsResponse, format: Format) {
                 );
             }
         }
+    }
+}
+
+fn print_event(e: &pb::WatchEvent, format: Format) {
+    use pb::watch_event::Event as E;
+    let job = format!("{}/rot{} (job {}, attempt {})", e.model, e.rotation, e.job_id, e.attempt);
+    match (format, &e.event) {
+        (Format::Json, Some(E::LeasedBy(w))) => println!(
+            "{}",
+            serde_json::json!({"job_id": e.job_id, "model": e.model, "rotation": e.rotation,
+                               "attempt": e.attempt, "event": "leased", "worker_id": w})
+        ),
+        (Format::Json, Some(E::Epoch(m))) => println!(
+            "{}",
+            serde_json::json!({"job_id": e.job_id, "model": e.model, "rotation": e.rotation,
+                               "attempt": e.attempt, "event": "epoch", "epoch": m.epoch,
+                               "train_loss": finite(m.train_loss), "train_accuracy": finite(m.train_accuracy),
+                               "val_loss": finite(m.val_loss), "val_accuracy": finite(m.val_accuracy),
+                               "seconds": m.seconds})
+        ),
+        (Format::Json, Some(E::State(s))) => println!(
+            "{}",
+            serde_json::json!({"job_id": e.job_id, "model": e.model, "rotation": e.rotation,
+                               "attempt": e.attempt, "event": "state", "state": s, "detail": e.detail})
+        ),
+        (Format::Table, Some(E::LeasedBy(w))) => println!("{job}: leased by {w}"),
+        (Format::Table, Some(E::Epoch(m))) => println!(
+            "{job}: epoch {} loss {:.4} acc {:.4} val_loss {:.4} val_acc {:.4} ({:.1} s)",
+            m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.seconds
+        ),
+        (Format::Table, Some(E::State(s))) => println!("{job}: {s} {}", e.detail),
+        (_, None) => {}
     }
 }

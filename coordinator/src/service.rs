@@ -370,17 +370,19 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let at = attempt_ref(req.job)?;
         let (job_id, attempt) = (at.job_id, at.attempt);
         let reason = req.reason.clone();
-        let requeued = self
+        let new_state = self
             .blocking(move |s| s.fail(&at, &req.reason, req.job_fault, req.release, store::now_ms()))
             .await?;
-        tracing::warn!(job_id, attempt, requeued, error = %reason, "job attempt failed");
+        tracing::warn!(job_id, attempt, state = new_state, error = %reason, "job attempt ended without a result");
         self.publish(Event::Finished {
             job_id,
             attempt,
-            state: if requeued { "PENDING" } else { "FAILED" }.to_string(),
+            state: new_state.to_string(),
             detail: reason,
         });
-        Ok(Response::new(pb::FailJobResponse { requeued }))
+        Ok(Response::new(pb::FailJobResponse {
+            requeued: new_state == store::state::PENDING,
+        }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -444,6 +446,126 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 })
                 .collect(),
         }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel_sweep(
+        &self,
+        request: Request<pb::CancelSweepRequest>,
+    ) -> Result<Response<pb::CancelSweepResponse>, Status> {
+        let sweep = request.into_inner().sweep;
+        let name = sweep.clone();
+        let (pending, running) = self.blocking(move |s| s.cancel(&name)).await?;
+        tracing::info!(%sweep, pending, running, "sweep cancelled");
+        Ok(Response::new(pb::CancelSweepResponse {
+            n_pending_cancelled: pending as u32,
+            n_running_signalled: running as u32,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn resume_sweep(
+        &self,
+        request: Request<pb::ResumeSweepRequest>,
+    ) -> Result<Response<pb::ResumeSweepResponse>, Status> {
+        let req = request.into_inner();
+        let states: Vec<String> = if req.states.is_empty() {
+            vec![store::state::FAILED.into(), store::state::CANCELLED.into()]
+        } else {
+            req.states.iter().map(|s| s.to_ascii_uppercase()).collect()
+        };
+        let sweep = req.sweep.clone();
+        let n = self
+            .blocking(move |s| {
+                let refs: Vec<&str> = states.iter().map(String::as_str).collect();
+                s.resume(&sweep, &refs)
+            })
+            .await?;
+        tracing::info!(sweep = %req.sweep, n_requeued = n, "sweep resumed");
+        Ok(Response::new(pb::ResumeSweepResponse {
+            n_requeued: n as u32,
+        }))
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent, Status>> + Send + 'static>,
+    >;
+
+    #[tracing::instrument(skip_all)]
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let sweep = request.into_inner().sweep;
+        // Subscribe before reading the job list so no event falls between.
+        let mut events = self.subscribe();
+        let name = sweep.clone();
+        let jobs = self.blocking(move |s| s.jobs(&name, 0)).await?;
+        let jobs: std::collections::HashMap<i64, (String, u32)> = jobs
+            .into_iter()
+            .map(|j| (j.job_id, (j.model, j.rotation)))
+            .collect();
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+
+        tokio::spawn(async move {
+            loop {
+                let event = match events.recv().await {
+                    Ok(e) => e,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(n_missed = n, "watcher too slow; events dropped");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let (job_id, attempt, body, detail) = match &event {
+                    Event::Leased { job_id, attempt, worker_id, .. } => (
+                        *job_id,
+                        *attempt,
+                        pb::watch_event::Event::LeasedBy(worker_id.clone()),
+                        String::new(),
+                    ),
+                    Event::Epoch { job_id, attempt, metrics } => (
+                        *job_id,
+                        *attempt,
+                        pb::watch_event::Event::Epoch(metrics_to_pb(metrics)),
+                        String::new(),
+                    ),
+                    Event::Finished { job_id, attempt, state, detail } => (
+                        *job_id,
+                        *attempt,
+                        pb::watch_event::Event::State(state.clone()),
+                        detail.clone(),
+                    ),
+                };
+                let Some((model, rotation)) = jobs.get(&job_id) else {
+                    continue;
+                };
+                let message = pb::WatchEvent {
+                    job_id,
+                    model: model.clone(),
+                    rotation: *rotation,
+                    attempt,
+                    event: Some(body),
+                    detail,
+                };
+                // The client left: drop the stream quietly.
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+                if matches!(event, Event::Finished { .. }) {
+                    let s = store.clone();
+                    let name = sweep.clone();
+                    let finished = tokio::task::spawn_blocking(move || s.is_finished(&name)).await;
+                    if matches!(finished, Ok(Ok(true))) {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     #[tracing::instrument(skip_all)]

@@ -634,7 +634,7 @@ impl Store {
     }
 
     /// Records a failed attempt. The job goes back to the queue while
-    /// attempts remain; returns true when it was re-queued. A `release`
+    /// attempts remain; returns the job's new state. A `release`
     /// (graceful worker shutdown) always re-queues and does not count
     /// against the attempt limit.
     pub fn fail(
@@ -644,7 +644,7 @@ impl Store {
         job_fault: bool,
         release: bool,
         now: i64,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<&'static str> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let cancelled = check_fence(&tx, at)?;
@@ -662,14 +662,14 @@ impl Store {
                 params![state::PENDING, run_ms, at.job_id],
             )?;
             tx.commit()?;
-            return Ok(true);
+            return Ok(state::PENDING);
         }
-        let (new_state, requeued) = if cancelled {
-            (state::CANCELLED, false)
+        let new_state = if cancelled {
+            state::CANCELLED
         } else if at.attempt.saturating_sub(released) >= max_attempts {
-            (state::FAILED, false)
+            state::FAILED
         } else {
-            (state::PENDING, true)
+            state::PENDING
         };
         let counter = if job_fault {
             "job_failures"
@@ -684,7 +684,7 @@ impl Store {
             params![new_state, reason, run_ms, at.job_id],
         )?;
         tx.commit()?;
-        Ok(requeued)
+        Ok(new_state)
     }
 
     /// Cancels a sweep: pending jobs become CANCELLED at once, running ones
@@ -706,6 +706,34 @@ impl Store {
         )?;
         tx.commit()?;
         Ok((pending, running as usize))
+    }
+
+    /// Re-queues the sweep's jobs in `states` with a fresh attempt budget
+    /// and lifts a cancel. Returns the number of jobs re-queued.
+    pub fn resume(&self, sweep: &str, states: &[&str]) -> StoreResult<usize> {
+        for s in states {
+            if !matches!(*s, state::FAILED | state::CANCELLED | state::INVALID) {
+                return Err(StoreError::Invalid(format!(
+                    "cannot resume jobs in state `{s}` (use FAILED, CANCELLED or INVALID)"
+                )));
+            }
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let sweep_id = sweep_id_in(&tx, sweep)?;
+        tx.execute("UPDATE sweeps SET cancelled = 0 WHERE id = ?1", [sweep_id])?;
+        let mut n = 0;
+        for s in states {
+            // `released = attempt` gives the job its whole attempt budget
+            // back while attempt numbers keep growing (fencing stays intact).
+            n += tx.execute(
+                "UPDATE jobs SET state = ?1, released = attempt, last_error = '' \
+                 WHERE sweep_id = ?2 AND state = ?3",
+                params![state::PENDING, sweep_id, s],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Names of all sweeps, oldest first.
@@ -1072,10 +1100,10 @@ mod tests {
         let store = temp_store("fail");
         store.submit(&spec("s", 1), false).unwrap();
         let l1 = leased(store.lease("w", None, 0, 1000).unwrap());
-        assert!(store.fail(&at(&l1), "boom", true, false, 5).unwrap());
+        assert_eq!(store.fail(&at(&l1), "boom", true, false, 5).unwrap(), state::PENDING);
         let l2 = leased(store.lease("w", None, 10, 1000).unwrap());
         assert_eq!((l2.job_id, l2.attempt), (l1.job_id, 2));
-        assert!(!store.fail(&at(&l2), "boom again", true, false, 20).unwrap());
+        assert_eq!(store.fail(&at(&l2), "boom again", true, false, 20).unwrap(), state::FAILED);
         let jobs = store.jobs("s", 30).unwrap();
         let job = jobs.iter().find(|j| j.job_id == l1.job_id).unwrap();
         assert_eq!(job.state, state::FAILED);
@@ -1109,6 +1137,19 @@ mod tests {
         assert!(!s.complete);
         let states: Vec<String> = store.jobs("s", 2).unwrap().into_iter().map(|j| j.state).collect();
         assert!(states.contains(&state::INVALID.to_string()));
+    }
+
+    #[test]
+    fn resume_requeues_cancelled_jobs_with_a_fresh_budget() {
+        let store = temp_store("resume");
+        store.submit(&spec("s", 1), false).unwrap();
+        let l = leased(store.lease("w", None, 0, 1000).unwrap());
+        store.cancel("s").unwrap();
+        store.fail(&at(&l), "cancelled", false, false, 1).unwrap();
+        assert_eq!(store.resume("s", &[state::CANCELLED]).unwrap(), 4);
+        let again = leased(store.lease("w", None, 2, 1000).unwrap());
+        assert!(again.attempt >= 1);
+        assert!(store.resume("s", &[state::RUNNING]).is_err());
     }
 
     #[test]
