@@ -24,5 +24,9 @@ pub fn rpc_error(rpc: &str, status: tonic::Status) -> anyhow::Error {
         tonic::Code::Unavailable => " (is the coordinator running?)",
         _ => "",
     };
-    anyhow::anyhow!("{rpc} failed: {:?}: {}{hint}", status.code(), status.message())
+    anyhow::anyhow!(
+        "{rpc} failed: {:?}: {}{hint}",
+        status.code(),
+        status.message()
+    )
 }

@@ -113,7 +113,13 @@ impl Drop for WorkerProcess {
     }
 }
 
-fn spawn_worker(cfg: &RunConfig, url: &str, sweep: &str, token: &Token, i: usize) -> anyhow::Result<WorkerProcess> {
+fn spawn_worker(
+    cfg: &RunConfig,
+    url: &str,
+    sweep: &str,
+    token: &Token,
+    i: usize,
+) -> anyhow::Result<WorkerProcess> {
     let id = format!("local-{i}");
     let mut cmd = Command::new(&cfg.worker_bin);
     cmd.args(["--coordinator", url, "--sweep", sweep, "--worker-id", &id])
@@ -284,7 +290,12 @@ fn job_names(jobs: &[crate::store::JobView]) -> std::collections::HashMap<i64, S
 }
 
 fn log_event(e: &Event, names: &std::collections::HashMap<i64, String>, total_epochs: usize) {
-    let name = |id: &i64| names.get(id).cloned().unwrap_or_else(|| format!("job {id}"));
+    let name = |id: &i64| {
+        names
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| format!("job {id}"))
+    };
     match e {
         Event::Leased {
             job_id,
@@ -292,7 +303,9 @@ fn log_event(e: &Event, names: &std::collections::HashMap<i64, String>, total_ep
             worker_id,
             ..
         } => tracing::info!(job = %name(job_id), attempt, %worker_id, "job started"),
-        Event::Epoch { job_id, metrics, .. } => tracing::info!(
+        Event::Epoch {
+            job_id, metrics, ..
+        } => tracing::info!(
             job = %name(job_id),
             epoch = format!("{}/{}", metrics.epoch, total_epochs),
             loss = format!("{:.4}", metrics.train_loss),

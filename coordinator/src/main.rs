@@ -42,7 +42,11 @@ enum Format {
 #[derive(clap::Args, Debug)]
 struct Remote {
     /// Coordinator URL.
-    #[arg(long, env = "ROTSWEEP_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "ROTSWEEP_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     coordinator: String,
     /// File holding the bearer token (default: the ROTSWEEP_TOKEN variable).
     #[arg(long, env = "ROTSWEEP_TOKEN_FILE")]
@@ -185,7 +189,10 @@ enum Command {
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -317,7 +324,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             format,
         } => {
             let spec = load_spec(&spec)?;
-            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client =
+                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
             let resp = client
                 .submit_sweep(pb::SubmitSweepRequest {
                     spec_json: spec.to_json(),
@@ -347,7 +355,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client =
+                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
             let resp = client
                 .sweep_status(pb::SweepStatusRequest { sweep })
                 .await
@@ -362,7 +371,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client =
+                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
             let resp = client
                 .sweep_summary(pb::SweepSummaryRequest { sweep })
                 .await
@@ -381,7 +391,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client =
+                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
             let resp = client
                 .list_epochs(pb::ListEpochsRequest { sweep })
                 .await
@@ -396,9 +407,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client =
+                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
             let resp = client
-                .cancel_sweep(pb::CancelSweepRequest { sweep: sweep.clone() })
+                .cancel_sweep(pb::CancelSweepRequest {
+                    sweep: sweep.clone(),
+                })
                 .await
                 .map_err(|s| rpc_error("CancelSweep", s))?
                 .into_inner();
@@ -422,7 +436,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client =
+                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
             let resp = client
                 .resume_sweep(pb::ResumeSweepRequest {
                     sweep: sweep.clone(),
@@ -432,7 +447,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .map_err(|s| rpc_error("ResumeSweep", s))?
                 .into_inner();
             match format {
-                Format::Json => println!("{}", serde_json::json!({"sweep": sweep, "requeued": resp.n_requeued})),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({"sweep": sweep, "requeued": resp.n_requeued})
+                ),
                 Format::Table => println!("re-queued {} job(s) of sweep {sweep}", resp.n_requeued),
             }
             Ok(ExitCode::SUCCESS)
@@ -443,7 +461,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client =
+                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
             let mut stream = client
                 .watch(pb::WatchRequest { sweep })
                 .await
@@ -456,7 +475,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
 
         Command::Sweeps { remote, format } => {
-            let mut client = client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client =
+                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
             let resp = client
                 .list_sweeps(pb::ListSweepsRequest {})
                 .await
@@ -588,7 +608,16 @@ fn print_status(resp: &pb::SweepStatusResponse, format: Format) {
         Format::Table => {
             println!(
                 "{:>4} {:<10} {:>3} {:<9} {:>7} {:<12} {:>5} {:>8} {:>8} {:>8}",
-                "job", "model", "rot", "state", "attempt", "worker", "epoch", "best", "elapsed", "test"
+                "job",
+                "model",
+                "rot",
+                "state",
+                "attempt",
+                "worker",
+                "epoch",
+                "best",
+                "elapsed",
+                "test"
             );
             for j in &resp.jobs {
                 let f = |x: f64| finite(x).map_or("-".into(), |v| format!("{v:.4}"));
@@ -636,7 +665,16 @@ fn print_epochs(resp: &pb::ListEpochsResponse, format: Format) {
         Format::Table => {
             println!(
                 "{:>4} {:<10} {:>3} {:>7} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8}",
-                "job", "model", "rot", "attempt", "epoch", "loss", "acc", "val_loss", "val_acc", "seconds"
+                "job",
+                "model",
+                "rot",
+                "attempt",
+                "epoch",
+                "loss",
+                "acc",
+                "val_loss",
+                "val_acc",
+                "seconds"
             );
             for r in &resp.rows {
                 let m = metrics(r);
@@ -660,7 +698,10 @@ fn print_epochs(resp: &pb::ListEpochsResponse, format: Format) {
 
 fn print_event(e: &pb::WatchEvent, format: Format) {
     use pb::watch_event::Event as E;
-    let job = format!("{}/rot{} (job {}, attempt {})", e.model, e.rotation, e.job_id, e.attempt);
+    let job = format!(
+        "{}/rot{} (job {}, attempt {})",
+        e.model, e.rotation, e.job_id, e.attempt
+    );
     match (format, &e.event) {
         (Format::Json, Some(E::LeasedBy(w))) => println!(
             "{}",

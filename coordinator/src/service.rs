@@ -232,14 +232,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     attempt: l.attempt,
                     worker_id: req.worker_id.clone(),
                 });
-                let checkpoint_dir = self.config.checkpoint_root.as_ref().map_or_else(
-                    String::new,
-                    |root| {
-                        root.join(format!("job-{}", l.job_id))
-                            .to_string_lossy()
-                            .into_owned()
-                    },
-                );
+                let checkpoint_dir =
+                    self.config
+                        .checkpoint_root
+                        .as_ref()
+                        .map_or_else(String::new, |root| {
+                            root.join(format!("job-{}", l.job_id))
+                                .to_string_lossy()
+                                .into_owned()
+                        });
                 let spec_seed = SweepSpec::from_json(&l.spec_json)
                     .map(|s| s.train.seed)
                     .unwrap_or(0);
@@ -303,7 +304,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let (stored, cancel) = self
             .blocking(move |s| s.report_epoch(&at, &metrics, store::now_ms(), ttl))
             .await?;
-        tracing::debug!(job_id, attempt, epoch = metrics.epoch, stored, "epoch reported");
+        tracing::debug!(
+            job_id,
+            attempt,
+            epoch = metrics.epoch,
+            stored,
+            "epoch reported"
+        );
         if stored {
             self.publish(Event::Epoch {
                 job_id,
@@ -371,7 +378,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let (job_id, attempt) = (at.job_id, at.attempt);
         let reason = req.reason.clone();
         let new_state = self
-            .blocking(move |s| s.fail(&at, &req.reason, req.job_fault, req.release, store::now_ms()))
+            .blocking(move |s| {
+                s.fail(
+                    &at,
+                    &req.reason,
+                    req.job_fault,
+                    req.release,
+                    store::now_ms(),
+                )
+            })
             .await?;
         tracing::warn!(job_id, attempt, state = new_state, error = %reason, "job attempt ended without a result");
         self.publish(Event::Finished {
@@ -519,19 +534,33 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
                 let (job_id, attempt, body, detail) = match &event {
-                    Event::Leased { job_id, attempt, worker_id, .. } => (
+                    Event::Leased {
+                        job_id,
+                        attempt,
+                        worker_id,
+                        ..
+                    } => (
                         *job_id,
                         *attempt,
                         pb::watch_event::Event::LeasedBy(worker_id.clone()),
                         String::new(),
                     ),
-                    Event::Epoch { job_id, attempt, metrics } => (
+                    Event::Epoch {
+                        job_id,
+                        attempt,
+                        metrics,
+                    } => (
                         *job_id,
                         *attempt,
                         pb::watch_event::Event::Epoch(metrics_to_pb(metrics)),
                         String::new(),
                     ),
-                    Event::Finished { job_id, attempt, state, detail } => (
+                    Event::Finished {
+                        job_id,
+                        attempt,
+                        state,
+                        detail,
+                    } => (
                         *job_id,
                         *attempt,
                         pb::watch_event::Event::State(state.clone()),

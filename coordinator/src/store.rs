@@ -459,7 +459,16 @@ impl Store {
                  WHERE j.state = ?1 AND s.cancelled = 0 AND (?2 IS NULL OR j.sweep_id = ?2) \
                  ORDER BY j.cost DESC, j.id LIMIT 1",
                 params![state::PENDING, sweep_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
             )
             .optional()?;
 
@@ -747,9 +756,11 @@ impl Store {
     /// The stored spec of a sweep.
     pub fn spec_json(&self, sweep: &str) -> StoreResult<String> {
         let conn = self.lock();
-        conn.query_row("SELECT spec_json FROM sweeps WHERE name = ?1", [sweep], |r| {
-            r.get(0)
-        })
+        conn.query_row(
+            "SELECT spec_json FROM sweeps WHERE name = ?1",
+            [sweep],
+            |r| r.get(0),
+        )
         .optional()?
         .ok_or_else(|| StoreError::NoSweep(sweep.to_string()))
     }
@@ -911,9 +922,11 @@ impl Store {
 }
 
 fn sweep_id_in(conn: &Connection, sweep: &str) -> StoreResult<i64> {
-    conn.query_row("SELECT id FROM sweeps WHERE name = ?1", [sweep], |r| r.get(0))
-        .optional()?
-        .ok_or_else(|| StoreError::NoSweep(sweep.to_string()))
+    conn.query_row("SELECT id FROM sweeps WHERE name = ?1", [sweep], |r| {
+        r.get(0)
+    })
+    .optional()?
+    .ok_or_else(|| StoreError::NoSweep(sweep.to_string()))
 }
 
 /// Checks that `at` holds the job's lease. Returns whether its sweep was
@@ -1034,7 +1047,10 @@ mod tests {
     fn resubmitting_a_different_spec_is_refused_without_new_version() {
         let store = temp_store("submit");
         let first = store.submit(&spec("s", 2), false).unwrap();
-        assert_eq!((first.sweep.as_str(), first.n_jobs, first.created), ("s", 4, true));
+        assert_eq!(
+            (first.sweep.as_str(), first.n_jobs, first.created),
+            ("s", 4, true)
+        );
         let same = store.submit(&spec("s", 2), false).unwrap();
         assert!(!same.created);
         let err = store.submit(&spec("s", 3), false).unwrap_err();
@@ -1055,7 +1071,10 @@ mod tests {
         assert_ne!(a.job_id, b.job_id);
         let _ = leased(store.lease("w3", None, 0, 1000).unwrap());
         let _ = leased(store.lease("w4", None, 0, 1000).unwrap());
-        assert_eq!(store.lease("w5", None, 0, 1000).unwrap(), LeaseOutcome::Wait);
+        assert_eq!(
+            store.lease("w5", None, 0, 1000).unwrap(),
+            LeaseOutcome::Wait
+        );
     }
 
     #[test]
@@ -1063,10 +1082,25 @@ mod tests {
         let store = temp_store("fence");
         store.submit(&spec("s", 2), false).unwrap();
         let first = leased(store.lease("w1", Some("s"), 0, 100).unwrap());
-        assert!(store.report_epoch(&at(&first), &metrics(1), 10, 100).unwrap().0);
-        assert!(store.report_epoch(&at(&first), &metrics(2), 10, 100).unwrap().0);
+        assert!(
+            store
+                .report_epoch(&at(&first), &metrics(1), 10, 100)
+                .unwrap()
+                .0
+        );
+        assert!(
+            store
+                .report_epoch(&at(&first), &metrics(2), 10, 100)
+                .unwrap()
+                .0
+        );
         // A re-sent report is a no-op.
-        assert!(!store.report_epoch(&at(&first), &metrics(2), 10, 100).unwrap().0);
+        assert!(
+            !store
+                .report_epoch(&at(&first), &metrics(2), 10, 100)
+                .unwrap()
+                .0
+        );
 
         // The lease expires; the next lease of that job is attempt 2.
         let mut second = None;
@@ -1078,13 +1112,19 @@ mod tests {
         }
         let second = second.expect("the expired job is leased again");
         assert_eq!(second.attempt, 2);
-        let err = store.report_epoch(&at(&first), &metrics(3), 1000, 100).unwrap_err();
+        let err = store
+            .report_epoch(&at(&first), &metrics(3), 1000, 100)
+            .unwrap_err();
         assert!(matches!(err, StoreError::Stale { .. }), "{err}");
 
         // Attempt 2 resumed from a checkpoint after epoch 1: its epoch 2
         // supersedes attempt 1's epoch 2.
-        store.report_epoch(&at(&second), &metrics(2), 1000, 100).unwrap();
-        store.report_epoch(&at(&second), &metrics(3), 1000, 100).unwrap();
+        store
+            .report_epoch(&at(&second), &metrics(2), 1000, 100)
+            .unwrap();
+        store
+            .report_epoch(&at(&second), &metrics(3), 1000, 100)
+            .unwrap();
         let rows: Vec<(u32, u32)> = store
             .epochs("s")
             .unwrap()
@@ -1100,10 +1140,16 @@ mod tests {
         let store = temp_store("fail");
         store.submit(&spec("s", 1), false).unwrap();
         let l1 = leased(store.lease("w", None, 0, 1000).unwrap());
-        assert_eq!(store.fail(&at(&l1), "boom", true, false, 5).unwrap(), state::PENDING);
+        assert_eq!(
+            store.fail(&at(&l1), "boom", true, false, 5).unwrap(),
+            state::PENDING
+        );
         let l2 = leased(store.lease("w", None, 10, 1000).unwrap());
         assert_eq!((l2.job_id, l2.attempt), (l1.job_id, 2));
-        assert_eq!(store.fail(&at(&l2), "boom again", true, false, 20).unwrap(), state::FAILED);
+        assert_eq!(
+            store.fail(&at(&l2), "boom again", true, false, 20).unwrap(),
+            state::FAILED
+        );
         let jobs = store.jobs("s", 30).unwrap();
         let job = jobs.iter().find(|j| j.job_id == l1.job_id).unwrap();
         assert_eq!(job.state, state::FAILED);
@@ -1135,7 +1181,12 @@ mod tests {
         assert_eq!((gru.n_used, gru.n_total), (1, 2));
         assert_eq!(gru.confusion, vec![vec![3, 1], vec![0, 4]]);
         assert!(!s.complete);
-        let states: Vec<String> = store.jobs("s", 2).unwrap().into_iter().map(|j| j.state).collect();
+        let states: Vec<String> = store
+            .jobs("s", 2)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.state)
+            .collect();
         assert!(states.contains(&state::INVALID.to_string()));
     }
 

@@ -130,7 +130,9 @@ mod tests {
         assert!(check.call(add.call(Request::new(())).unwrap()).is_ok());
 
         let mut wrong = AddToken(Some(Token::new("s3cres").unwrap()));
-        let err = check.call(wrong.call(Request::new(())).unwrap()).unwrap_err();
+        let err = check
+            .call(wrong.call(Request::new(())).unwrap())
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         let err = check.call(Request::new(())).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);

@@ -32,9 +32,11 @@ pub async fn connect(
         .tcp_nodelay(true)
         .connect()
         .await?;
-    Ok(coordinator_client::CoordinatorClient::with_interceptor(channel, auth::AddToken(token))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(
+        coordinator_client::CoordinatorClient::with_interceptor(channel, auth::AddToken(token))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
 }
 
 /// Largest message either side accepts (4 MiB).

@@ -478,7 +478,11 @@ mod tests {
         assert_eq!(data.train.tokens.len(), data.train.n() * 64);
         assert_eq!(data.vocab.chars.len(), 25.min(data.vocab.chars.len()));
         assert!(data.train.n() > 3 * 250 && data.val.n() > 250 && data.test.n() > 250);
-        assert!(data.train.labels.iter().all(|&l| (l as usize) < data.labels.len()));
+        assert!(data
+            .train
+            .labels
+            .iter()
+            .all(|&l| (l as usize) < data.labels.len()));
     }
 
     #[test]
@@ -502,7 +506,10 @@ mod tests {
 
         write_fold(&dir, 1, "");
         let err = read_fold(&fold_path(&dir, "", 1)).unwrap_err().to_string();
-        assert!(err.contains("empty fold") && err.contains("pfam_fold_1.csv"), "{err}");
+        assert!(
+            err.contains("empty fold") && err.contains("pfam_fold_1.csv"),
+            "{err}"
+        );
 
         std::fs::write(fold_path(&dir, "", 2), "seq,family\nAAA,Alpha\n").unwrap();
         let err = read_fold(&fold_path(&dir, "", 2)).unwrap_err().to_string();
@@ -513,14 +520,21 @@ mod tests {
         assert!(err.contains("pfam_fold_3.csv:2: empty label"), "{err}");
 
         let err = read_fold(&fold_path(&dir, "", 9)).unwrap_err().to_string();
-        assert!(err.contains("missing fold") && err.contains("pfam_fold_9.csv"), "{err}");
+        assert!(
+            err.contains("missing fold") && err.contains("pfam_fold_9.csv"),
+            "{err}"
+        );
     }
 
     #[test]
     fn oov_characters_are_reported_with_their_first_location() {
         let dir = temp_dir("oov");
         for k in 0..5 {
-            let body = if k == 3 { "AAA,Alpha\nCC*,Beta\n" } else { "AAA,Alpha\nCCC,Beta\n" };
+            let body = if k == 3 {
+                "AAA,Alpha\nCC*,Beta\n"
+            } else {
+                "AAA,Alpha\nCCC,Beta\n"
+            };
             write_fold(&dir, k, body);
         }
         let data = load_rotation(&data_spec(&dir), 0).unwrap();

@@ -52,7 +52,7 @@ impl SplitMix64 {
 
 /// Mixes several values into one seed (for per-job and per-layer seeds).
 pub fn mix_seed(parts: &[u64]) -> u64 {
-    let mut rng = SplitMix64::new(0x5EED_0F_5EED);
+    let mut rng = SplitMix64::new(0x005E_ED0F_5EED);
     let mut acc = 0u64;
     for &p in parts {
         rng.state ^= p;

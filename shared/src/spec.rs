@@ -179,7 +179,9 @@ impl std::str::FromStr for ModelKind {
             "rnn" => Ok(ModelKind::Rnn),
             "gru" => Ok(ModelKind::Gru),
             "mha" => Ok(ModelKind::Mha),
-            other => Err(format!("unknown model kind `{other}` (expected rnn, gru or mha)")),
+            other => Err(format!(
+                "unknown model kind `{other}` (expected rnn, gru or mha)"
+            )),
         }
     }
 }
@@ -482,7 +484,10 @@ impl SweepSpec {
         }
 
         if self.models.is_empty() {
-            return Err(bad("models", "no model tables (add e.g. [models.gru])".into()));
+            return Err(bad(
+                "models",
+                "no model tables (add e.g. [models.gru])".into(),
+            ));
         }
         for (name, m) in &self.models {
             let key = |k: &str| format!("models.{name}.{k}");
@@ -515,7 +520,10 @@ impl SweepSpec {
                 return Err(bad(&key("dense"), "layer widths must be positive".into()));
             }
             if !(0.0..1.0).contains(&m.dropout) {
-                return Err(bad(&key("dropout"), format!("{} is not in [0, 1)", m.dropout)));
+                return Err(bad(
+                    &key("dropout"),
+                    format!("{} is not in [0, 1)", m.dropout),
+                ));
             }
             if !(m.l2.is_finite() && m.l2 >= 0.0) {
                 return Err(bad(&key("l2"), format!("{} is not >= 0", m.l2)));
@@ -564,10 +572,19 @@ kind = "mha"
         let gru = &spec.models["gru"];
         assert_eq!(gru.kind, ModelKind::Gru);
         assert_eq!(gru.embedding, 32);
-        assert_eq!((gru.conv_filters, gru.conv_kernel, gru.conv_stride), (64, 4, 4));
-        assert_eq!((gru.units, gru.modules, gru.pool, gru.final_units), (64, 1, 2, 64));
+        assert_eq!(
+            (gru.conv_filters, gru.conv_kernel, gru.conv_stride),
+            (64, 4, 4)
+        );
+        assert_eq!(
+            (gru.units, gru.modules, gru.pool, gru.final_units),
+            (64, 1, 2, 64)
+        );
         assert_eq!(gru.dense, vec![64, 32]);
-        assert_eq!((spec.models["mha"].heads, spec.models["mha"].key_size), (4, 16));
+        assert_eq!(
+            (spec.models["mha"].heads, spec.models["mha"].key_size),
+            (4, 16)
+        );
         assert_eq!(spec.train.steps_per_epoch, Some(100));
         assert_eq!(spec.data.max_len, Some(512));
     }
@@ -601,13 +618,23 @@ kind = "mha"
     #[test]
     fn out_of_range_values_name_their_key() {
         let cases = [
-            ("rotations = [0, 1, 2, 3, 4]", "rotations = [0, 5]", "data.rotations"),
+            (
+                "rotations = [0, 1, 2, 3, 4]",
+                "rotations = [0, 5]",
+                "data.rotations",
+            ),
             ("train_folds = 3", "train_folds = 4", "data.train_folds"),
             ("epochs = 30", "epochs = 0", "train.epochs"),
-            ("learning_rate = 1e-3", "learning_rate = -1.0", "train.learning_rate"),
+            (
+                "learning_rate = 1e-3",
+                "learning_rate = -1.0",
+                "train.learning_rate",
+            ),
         ];
         for (from, to, key) in cases {
-            let err = parse(&ISSUE_SPEC.replace(from, to)).unwrap_err().to_string();
+            let err = parse(&ISSUE_SPEC.replace(from, to))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key), "{to}: {err}");
         }
         let text = format!("{ISSUE_SPEC}\n[models.tiny]\nkind = \"gru\"\nunits = 0\n");

@@ -296,7 +296,10 @@ mod tests {
         assert_eq!(s.labels, vec!["A", "B", "C"]);
         let m = &s.models[0];
         assert_eq!((m.n_used, m.n_total), (2, 3));
-        assert_eq!(m.confusion, vec![vec![3, 0, 0], vec![0, 2, 0], vec![0, 0, 1]]);
+        assert_eq!(
+            m.confusion,
+            vec![vec![3, 0, 0], vec![0, 2, 0], vec![0, 0, 1]]
+        );
         assert!((m.mean.unwrap() - 0.6).abs() < 1e-12);
         assert_eq!(m.rotations.len(), 2);
         let json = serde_json::to_value(&s).unwrap();

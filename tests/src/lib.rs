@@ -47,7 +47,13 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// Writes a tiny spec over the shipped `pfam-real` data: small models,
 /// short sequences and few steps, so a job trains in about a second.
-pub fn tiny_spec(dir: &Path, name: &str, models: &[&str], rotations: &[usize], epochs: usize) -> PathBuf {
+pub fn tiny_spec(
+    dir: &Path,
+    name: &str,
+    models: &[&str],
+    rotations: &[usize],
+    epochs: usize,
+) -> PathBuf {
     let data = repo_root().join("examples/data/pfam-real");
     let rotations: Vec<String> = rotations.iter().map(|r| r.to_string()).collect();
     let mut text = format!(
@@ -183,7 +189,13 @@ pub fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
 }
 
 /// Starts `rotsweep-worker` against `url` for `sweep`.
-pub fn start_worker(url: &str, token: Option<&str>, id: &str, sweep: &str, log_dir: &Path) -> anyhow::Result<Proc> {
+pub fn start_worker(
+    url: &str,
+    token: Option<&str>,
+    id: &str,
+    sweep: &str,
+    log_dir: &Path,
+) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(bin("rotsweep-worker"));
     cmd.args(["--coordinator", url, "--worker-id", id, "--sweep", sweep])
         .env_remove("ROTSWEEP_TOKEN")
@@ -216,7 +228,11 @@ pub fn cli(args: &[&str], token: Option<&str>) -> anyhow::Result<(i32, String, S
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, failing after `limit`.
-pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = check()? {

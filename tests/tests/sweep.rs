@@ -25,7 +25,14 @@ fn two_workers_train_a_sweep_and_every_row_is_stored_once() -> anyhow::Result<()
     let server = Server::start(&dir.join("state"), Some(TOKEN), 10.0)?;
 
     let (code, out, err) = cli(
-        &["submit", spec.to_str().unwrap(), "--coordinator", &server.url, "--format", "json"],
+        &[
+            "submit",
+            spec.to_str().unwrap(),
+            "--coordinator",
+            &server.url,
+            "--format",
+            "json",
+        ],
         Some(TOKEN),
     )?;
     assert_eq!(code, 0, "submit failed: {err}");
@@ -33,7 +40,7 @@ fn two_workers_train_a_sweep_and_every_row_is_stored_once() -> anyhow::Result<()
     assert_eq!(submitted["sweep"], "slice");
     assert_eq!(submitted["n_jobs"], 2);
 
-    let mut workers = vec![
+    let mut workers = [
         start_worker(&server.url, Some(TOKEN), "w0", "slice", &dir)?,
         start_worker(&server.url, Some(TOKEN), "w1", "slice", &dir)?,
     ];
@@ -53,15 +60,21 @@ fn two_workers_train_a_sweep_and_every_row_is_stored_once() -> anyhow::Result<()
         )
         .await?;
         let status = client
-            .sweep_status(pb::SweepStatusRequest { sweep: "slice".into() })
+            .sweep_status(pb::SweepStatusRequest {
+                sweep: "slice".into(),
+            })
             .await?
             .into_inner();
         let epochs = client
-            .list_epochs(pb::ListEpochsRequest { sweep: "slice".into() })
+            .list_epochs(pb::ListEpochsRequest {
+                sweep: "slice".into(),
+            })
             .await?
             .into_inner();
         let summary = client
-            .sweep_summary(pb::SweepSummaryRequest { sweep: "slice".into() })
+            .sweep_summary(pb::SweepSummaryRequest {
+                sweep: "slice".into(),
+            })
             .await?
             .into_inner();
         anyhow::Ok((status, epochs, summary))
@@ -103,7 +116,14 @@ fn two_workers_train_a_sweep_and_every_row_is_stored_once() -> anyhow::Result<()
 
     // The CLI's JSON summary has the documented shape.
     let (code, out, err) = cli(
-        &["summary", "slice", "--coordinator", &server.url, "--format", "json"],
+        &[
+            "summary",
+            "slice",
+            "--coordinator",
+            &server.url,
+            "--format",
+            "json",
+        ],
         Some(TOKEN),
     )?;
     assert_eq!(code, 0, "summary failed: {err}");
@@ -162,7 +182,12 @@ fn run_trains_a_sweep_with_local_workers_and_writes_summary_json() -> anyhow::Re
     // Running the same command again resumes the stored sweep: nothing is
     // retrained and the summary is unchanged.
     let (code, out2, err) = cli(
-        &["run", spec.to_str().unwrap(), "--state", state.to_str().unwrap()],
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+        ],
         None,
     )?;
     assert_eq!(code, 0, "second run failed:\n{err}");
@@ -172,7 +197,12 @@ fn run_trains_a_sweep_with_local_workers_and_writes_summary_json() -> anyhow::Re
     let changed = std::fs::read_to_string(&spec)?.replace("epochs = 1", "epochs = 2");
     std::fs::write(&spec, changed)?;
     let (code, _, err) = cli(
-        &["run", spec.to_str().unwrap(), "--state", state.to_str().unwrap()],
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+        ],
         None,
     )?;
     assert_ne!(code, 0);
@@ -203,25 +233,46 @@ fn bad_input_fails_with_the_file_and_line_or_key() -> anyhow::Result<()> {
     let spec = dir.join("bad.toml");
     std::fs::write(
         &spec,
-        format!("name = \"bad\"\n[data]\ndir = \"{}\"\n[models.gru]\nkind = \"gru\"\n", data.display()),
+        format!(
+            "name = \"bad\"\n[data]\ndir = \"{}\"\n[models.gru]\nkind = \"gru\"\n",
+            data.display()
+        ),
     )?;
     let (code, _, err) = cli(&["plan", spec.to_str().unwrap()], None)?;
     assert_ne!(code, 0);
     assert!(err.contains(&format!("pfam_fold_2.csv:{n_lines}")), "{err}");
 
     // An unknown key in the spec.
-    std::fs::write(&spec, "name = \"bad\"\nbatchsize = 3\n[data]\ndir = \"x\"\n")?;
+    std::fs::write(
+        &spec,
+        "name = \"bad\"\nbatchsize = 3\n[data]\ndir = \"x\"\n",
+    )?;
     let (code, _, err) = cli(&["run", spec.to_str().unwrap()], None)?;
     assert_ne!(code, 0);
     assert!(err.contains("batchsize"), "{err}");
 
-    // A missing fold file.
+    // A missing fold file (with the malformed line mended first).
+    std::fs::copy(
+        repo_root().join("examples/data/pfam-real/pfam_fold_2.csv"),
+        data.join("pfam_fold_2.csv"),
+    )?;
     std::fs::remove_file(data.join("pfam_fold_4.csv"))?;
     std::fs::write(
         &spec,
-        format!("name = \"bad\"\n[data]\ndir = \"{}\"\n[models.gru]\nkind = \"gru\"\n", data.display()),
+        format!(
+            "name = \"bad\"\n[data]\ndir = \"{}\"\n[models.gru]\nkind = \"gru\"\n",
+            data.display()
+        ),
     )?;
-    let (code, _, err) = cli(&["run", spec.to_str().unwrap(), "--state", dir.join("s").to_str().unwrap()], None)?;
+    let (code, _, err) = cli(
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--state",
+            dir.join("s").to_str().unwrap(),
+        ],
+        None,
+    )?;
     assert_ne!(code, 0);
     assert!(err.contains("pfam_fold_4.csv"), "{err}");
     Ok(())
@@ -230,15 +281,26 @@ fn bad_input_fails_with_the_file_and_line_or_key() -> anyhow::Result<()> {
 #[test]
 fn plan_lists_every_model_and_rotation() -> anyhow::Result<()> {
     let (code, out, err) = cli(
-        &["plan", repo_root().join("examples/hw6.toml").to_str().unwrap(), "--format", "json"],
+        &[
+            "plan",
+            repo_root().join("examples/hw6.toml").to_str().unwrap(),
+            "--format",
+            "json",
+        ],
         None,
     )?;
     assert_eq!(code, 0, "{err}");
     let plan: serde_json::Value = serde_json::from_str(&out)?;
     let jobs = plan["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 15);
-    let rot2 = jobs.iter().find(|j| j["model"] == "gru" && j["rotation"] == 2).unwrap();
+    let rot2 = jobs
+        .iter()
+        .find(|j| j["model"] == "gru" && j["rotation"] == 2)
+        .unwrap();
     assert_eq!(rot2["train_folds"], serde_json::json!([2, 3, 4]));
-    assert_eq!((rot2["val_fold"].as_u64(), rot2["test_fold"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(
+        (rot2["val_fold"].as_u64(), rot2["test_fold"].as_u64()),
+        (Some(0), Some(1))
+    );
     Ok(())
 }

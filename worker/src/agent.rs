@@ -1,0 +1,527 @@
+//! The lease loop: a worker asks the coordinator for a job, trains it while
+//! heartbeating and streaming one report per epoch, then completes or fails
+//! it, until the queue is drained or the worker is told to stop.
+//!
+//! Training runs on a blocking thread; the async side owns the connection.
+//! Three things stop a running job at its next step boundary:
+//! - the coordinator answers a heartbeat or report with `cancel` (the sweep
+//!   was cancelled): the job is reported as cancelled;
+//! - the coordinator refuses a message as stale (another attempt owns the
+//!   job now): the job is abandoned without another word;
+//! - SIGTERM/Ctrl-C: the trainer writes a checkpoint, the lease is released
+//!   (the job is re-queued at once without using up an attempt), and the
+//!   worker exits 0.
+//!
+//! Transient RPC failures (coordinator restarting, network cut) are retried
+//! with capped exponential backoff; re-sent reports are harmless because the
+//! coordinator stores each (job, attempt, epoch) once.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rotsweep_proto as pb;
+use rotsweep_proto::auth::Token;
+use rotsweep_shared::spec::SweepSpec;
+use tokio::sync::{mpsc, watch};
+use tonic::Code;
+
+use crate::train::{self, EpochReport, TrainConfig, TrainHooks, TrainOutcome};
+
+/// Settings of the lease loop.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Coordinator URL (`http://host:port`).
+    pub coordinator: String,
+    /// Bearer token.
+    pub token: Option<Token>,
+    /// This worker's name in leases and status tables.
+    pub worker_id: String,
+    /// Only take jobs of this sweep.
+    pub sweep: Option<String>,
+    /// Device to train on (`cpu`, `cuda:N`).
+    pub device: String,
+    /// Exit when the coordinator says nothing is queued or running.
+    pub exit_when_drained: bool,
+    /// Override of the coordinator's checkpoint folder root (for workers
+    /// that see the shared filesystem under another path).
+    pub checkpoint_root: Option<PathBuf>,
+    /// Stop after this many jobs (any outcome).
+    pub max_jobs: Option<usize>,
+}
+
+/// Flags the trainer polls between steps.
+#[derive(Debug, Default)]
+struct StopFlags {
+    /// The worker is shutting down (signal).
+    shutdown: AtomicBool,
+    /// The sweep was cancelled.
+    cancelled: AtomicBool,
+    /// Another attempt owns the job.
+    stale: AtomicBool,
+}
+
+impl StopFlags {
+    fn any(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+            || self.cancelled.load(Ordering::SeqCst)
+            || self.stale.load(Ordering::SeqCst)
+    }
+}
+
+/// Hooks that forward epoch reports to the async side.
+struct ChannelHooks {
+    reports: mpsc::UnboundedSender<EpochReport>,
+    flags: Arc<StopFlags>,
+}
+
+impl TrainHooks for ChannelHooks {
+    fn on_epoch(&mut self, report: &EpochReport) -> std::ops::ControlFlow<()> {
+        // The receiver only goes away when the job is being torn down.
+        let _ = self.reports.send(report.clone());
+        if self.flags.any() {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    }
+
+    fn should_stop(&mut self) -> bool {
+        self.flags.any()
+    }
+
+    fn on_resume(&mut self, reports: &[EpochReport]) {
+        // Re-send what the checkpoint holds: if the previous attempt died
+        // before its reports arrived, this fills the gap; otherwise the new
+        // attempt's rows simply take over the same epochs.
+        for r in reports {
+            let _ = self.reports.send(r.clone());
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((100u64 << attempt.min(6)).min(5_000))
+}
+
+fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Aborted
+            | Code::Cancelled
+    )
+}
+
+/// Sleeps for `d` unless `stop` fires first; returns true when stopped.
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    stopped || *stop.borrow()
+}
+
+/// Connects, retrying with backoff until connected or stopped.
+async fn connect(
+    cfg: &AgentConfig,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Option<pb::Client>> {
+    let mut tries = 0;
+    loop {
+        match rotsweep_proto::connect(&cfg.coordinator, cfg.token.clone()).await {
+            Ok(client) => return Ok(Some(client)),
+            Err(e) => {
+                tries += 1;
+                if tries == 1 || tries % 10 == 0 {
+                    tracing::warn!(url = %cfg.coordinator, error = %e, tries, "cannot reach the coordinator; retrying");
+                }
+                if tries > 600 {
+                    anyhow::bail!(
+                        "gave up reaching the coordinator at {} after {tries} tries",
+                        cfg.coordinator
+                    );
+                }
+                if sleep_or_stop(backoff(tries), stop).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Calls `f` until it succeeds, fails permanently, or the worker stops.
+/// Returns `Ok(None)` when stopped while retrying.
+async fn with_retry<T, F, Fut>(
+    what: &str,
+    client: &pb::Client,
+    stop: Option<&mut watch::Receiver<bool>>,
+    mut f: F,
+) -> Result<Option<T>, tonic::Status>
+where
+    F: FnMut(pb::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut never = watch::channel(false).1;
+    let stop = stop.unwrap_or(&mut never);
+    let mut tries = 0;
+    loop {
+        match f(client.clone()).await {
+            Ok(resp) => return Ok(Some(resp.into_inner())),
+            Err(status) if is_transient(&status) => {
+                tries += 1;
+                if tries == 1 || tries % 10 == 0 {
+                    tracing::warn!(rpc = what, code = ?status.code(), error = %status.message(), tries, "coordinator unreachable; retrying");
+                }
+                if tries > 1_000 {
+                    return Err(status);
+                }
+                if sleep_or_stop(backoff(tries), stop).await {
+                    return Ok(None);
+                }
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
+
+/// Runs the lease loop until drained (when asked to exit then), `max_jobs`
+/// is reached, or `stop` fires.
+pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let device = crate::parse_device(&cfg.device)?;
+    let Some(client) = connect(&cfg, &mut stop).await? else {
+        return Ok(());
+    };
+    tracing::info!(worker_id = %cfg.worker_id, url = %cfg.coordinator, "worker connected");
+
+    let mut n_jobs = 0;
+    while !*stop.borrow() {
+        if cfg.max_jobs.is_some_and(|m| n_jobs >= m) {
+            break;
+        }
+        let request = pb::LeaseJobRequest {
+            worker_id: cfg.worker_id.clone(),
+            sweep: cfg.sweep.clone().unwrap_or_default(),
+            device: cfg.device.clone(),
+        };
+        let lease = with_retry("LeaseJob", &client, Some(&mut stop), |mut c| {
+            let request = request.clone();
+            async move { c.lease_job(request).await }
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("LeaseJob failed: {:?}: {}", s.code(), s.message()))?;
+        let Some(lease) = lease else { break };
+
+        use pb::lease_job_response::Outcome;
+        match Outcome::try_from(lease.outcome).unwrap_or(Outcome::Unspecified) {
+            Outcome::Leased => {
+                let job = lease.job.context("LEASED answer without a job")?;
+                n_jobs += 1;
+                run_job(&cfg, &client, job, device.clone(), &stop).await?;
+            }
+            Outcome::Wait => {
+                let wait = Duration::from_millis(u64::from(lease.retry_after_ms.max(100)));
+                if sleep_or_stop(wait, &mut stop).await {
+                    break;
+                }
+            }
+            Outcome::Drained if cfg.exit_when_drained => {
+                tracing::info!(n_jobs, "queue drained; worker exiting");
+                break;
+            }
+            Outcome::Drained | Outcome::Unspecified => {
+                if sleep_or_stop(Duration::from_secs(2), &mut stop).await {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Trains one leased job and reports its end.
+#[tracing::instrument(skip_all, fields(job_id = job.job_id, attempt = job.attempt, model = %job.model, rotation = job.rotation))]
+async fn run_job(
+    cfg: &AgentConfig,
+    client: &pb::Client,
+    job: pb::JobLease,
+    device: candle_core::Device,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let job_ref = pb::JobRef {
+        job_id: job.job_id,
+        attempt: job.attempt,
+        lease_token: job.lease_token.clone(),
+    };
+    tracing::info!("job leased");
+
+    // Everything about the job that can be wrong with its input is the job's
+    // fault: report it so the coordinator stops re-queueing it blindly.
+    let prepared = prepare(cfg, &job, device);
+    let (train_cfg, spec) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let reason = format!("{e:#}");
+            tracing::error!(error = %reason, "job cannot start");
+            fail(client, &job_ref, &reason, true, false).await;
+            return Ok(());
+        }
+    };
+
+    let flags = Arc::new(StopFlags::default());
+    let (report_tx, mut report_rx) = mpsc::unbounded_channel::<EpochReport>();
+    let data_spec = spec.data.clone();
+    let rotation = job.rotation as usize;
+    let hooks_flags = flags.clone();
+    let trainer = tokio::task::spawn_blocking(move || -> crate::Result<TrainOutcome> {
+        let data = rotsweep_shared::data::load_rotation(&data_spec, rotation)?;
+        if let Some((path, line, c)) = &data.oov.first {
+            tracing::warn!(
+                n_chars = data.oov.n_chars,
+                first = %format!("{}:{line} {c:?}", path.display()),
+                "characters outside the vocabulary mapped to OOV"
+            );
+        }
+        let mut hooks = ChannelHooks {
+            reports: report_tx,
+            flags: hooks_flags,
+        };
+        train::train_job(&train_cfg, &data, &mut hooks)
+    });
+
+    // Heartbeats run beside training until the trainer returns.
+    let ttl = Duration::from_millis(u64::from(job.lease_ttl_ms.max(300)));
+    let (hb_stop_tx, hb_stop_rx) = watch::channel(false);
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        client.clone(),
+        job_ref.clone(),
+        ttl / 3,
+        flags.clone(),
+        hb_stop_rx,
+    ));
+
+    // Forward epoch reports in order while watching for a shutdown signal.
+    let mut stop_rx = stop.clone();
+    let mut trainer = std::pin::pin!(trainer);
+    let result = loop {
+        tokio::select! {
+            Some(report) = report_rx.recv() => {
+                send_report(client, &job_ref, &report, &flags).await;
+            }
+            _ = stop_rx.wait_for(|s| *s), if !flags.shutdown.load(Ordering::SeqCst) => {
+                tracing::info!("stopping: the job checkpoints at its next step");
+                flags.shutdown.store(true, Ordering::SeqCst);
+            }
+            res = &mut trainer => break res,
+        }
+    };
+    // Reports queued before the trainer returned still go out, in order.
+    while let Ok(report) = report_rx.try_recv() {
+        send_report(client, &job_ref, &report, &flags).await;
+    }
+    let _ = hb_stop_tx.send(true);
+    let _ = heartbeat.await;
+
+    let result = result.context("training thread panicked")?;
+    if flags.stale.load(Ordering::SeqCst) {
+        tracing::warn!("lease lost to another attempt; abandoning the job");
+        return Ok(());
+    }
+    match result {
+        Ok(outcome) => complete(client, &job_ref, &outcome).await,
+        Err(crate::Error::Interrupted { epoch, steps_done }) => {
+            if flags.cancelled.load(Ordering::SeqCst) {
+                tracing::info!(epoch, "job cancelled");
+                fail(client, &job_ref, "cancelled", false, false).await;
+            } else {
+                tracing::info!(epoch, steps_done, "job released after checkpoint");
+                let reason = format!(
+                    "worker {} stopped in epoch {epoch}; released",
+                    cfg.worker_id
+                );
+                fail(client, &job_ref, &reason, false, true).await;
+            }
+        }
+        Err(e) => {
+            let reason = format!("{e}");
+            tracing::error!(error = %reason, "job failed");
+            fail(client, &job_ref, &reason, true, false).await;
+        }
+    }
+    Ok(())
+}
+
+/// Builds the training configuration of a lease.
+fn prepare(
+    cfg: &AgentConfig,
+    job: &pb::JobLease,
+    device: candle_core::Device,
+) -> anyhow::Result<(TrainConfig, SweepSpec)> {
+    let spec = SweepSpec::from_json(&job.spec_json).context("the leased spec is invalid")?;
+    let model = spec
+        .models
+        .get(&job.model)
+        .with_context(|| format!("the spec has no model `{}`", job.model))?
+        .clone();
+    let checkpoint_dir = match (&cfg.checkpoint_root, job.checkpoint_dir.is_empty()) {
+        (Some(root), _) => Some(root.join(format!("job-{}", job.job_id))),
+        (None, false) => Some(PathBuf::from(&job.checkpoint_dir)),
+        (None, true) => None,
+    };
+    if let Some(dir) = &checkpoint_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating checkpoint folder {}", dir.display()))?;
+    }
+    Ok((
+        TrainConfig {
+            model,
+            train: spec.train.clone(),
+            seed: job.seed,
+            device,
+            checkpoint_dir,
+        },
+        spec,
+    ))
+}
+
+/// Marks the job stale or cancelled from an RPC answer.
+fn note_status(flags: &StopFlags, rpc: &str, status: &tonic::Status) {
+    if status.code() == Code::FailedPrecondition {
+        tracing::warn!(rpc, error = %status.message(), "coordinator refused this attempt");
+        flags.stale.store(true, Ordering::SeqCst);
+    } else {
+        tracing::error!(rpc, code = ?status.code(), error = %status.message(), "RPC failed");
+    }
+}
+
+async fn send_report(
+    client: &pb::Client,
+    job_ref: &pb::JobRef,
+    report: &EpochReport,
+    flags: &StopFlags,
+) {
+    if flags.stale.load(Ordering::SeqCst) {
+        return;
+    }
+    let request = pb::ReportEpochRequest {
+        job: Some(job_ref.clone()),
+        metrics: Some(pb::EpochMetrics {
+            epoch: report.epoch as u32,
+            train_loss: report.train_loss,
+            train_accuracy: report.train_accuracy,
+            val_loss: report.val_loss,
+            val_accuracy: report.val_accuracy,
+            seconds: report.seconds,
+            examples_per_second: report.examples_per_second,
+        }),
+    };
+    tracing::info!(
+        epoch = report.epoch,
+        loss = report.train_loss,
+        acc = report.train_accuracy,
+        val_loss = report.val_loss,
+        val_acc = report.val_accuracy,
+        seconds = report.seconds,
+        "epoch done"
+    );
+    match with_retry("ReportEpoch", client, None, |mut c| {
+        let request = request.clone();
+        async move { c.report_epoch(request).await }
+    })
+    .await
+    {
+        Ok(Some(resp)) if resp.cancel => flags.cancelled.store(true, Ordering::SeqCst),
+        Ok(_) => {}
+        Err(status) => note_status(flags, "ReportEpoch", &status),
+    }
+}
+
+async fn heartbeat_loop(
+    client: pb::Client,
+    job_ref: pb::JobRef,
+    every: Duration,
+    flags: Arc<StopFlags>,
+    mut done: watch::Receiver<bool>,
+) {
+    loop {
+        if sleep_or_stop(every, &mut done).await {
+            return;
+        }
+        let request = pb::HeartbeatRequest {
+            job: Some(job_ref.clone()),
+            epoch: 0,
+        };
+        let mut c = client.clone();
+        match c.heartbeat(request).await {
+            Ok(resp) if resp.get_ref().cancel => {
+                flags.cancelled.store(true, Ordering::SeqCst);
+            }
+            Ok(_) => {}
+            Err(status) if is_transient(&status) => {
+                tracing::warn!(code = ?status.code(), error = %status.message(), "heartbeat failed; retrying");
+            }
+            Err(status) => {
+                note_status(&flags, "Heartbeat", &status);
+                if flags.stale.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn complete(client: &pb::Client, job_ref: &pb::JobRef, outcome: &TrainOutcome) {
+    let request = pb::CompleteJobRequest {
+        job: Some(job_ref.clone()),
+        test_accuracy: outcome.test_accuracy,
+        test_loss: outcome.test_loss,
+        labels: outcome.labels.clone(),
+        confusion: outcome.confusion.iter().flatten().copied().collect(),
+        epochs_trained: outcome.epochs_trained as u32,
+        best_epoch: outcome.best_epoch as u32,
+        n_test: outcome.n_test as u32,
+    };
+    match with_retry("CompleteJob", client, None, |mut c| {
+        let request = request.clone();
+        async move { c.complete_job(request).await }
+    })
+    .await
+    {
+        Ok(_) => tracing::info!(
+            test_accuracy = outcome.test_accuracy,
+            epochs = outcome.epochs_trained,
+            best_epoch = outcome.best_epoch,
+            "job completed"
+        ),
+        Err(status) => {
+            tracing::error!(code = ?status.code(), error = %status.message(), "CompleteJob refused")
+        }
+    }
+}
+
+async fn fail(
+    client: &pb::Client,
+    job_ref: &pb::JobRef,
+    reason: &str,
+    job_fault: bool,
+    release: bool,
+) {
+    let request = pb::FailJobRequest {
+        job: Some(job_ref.clone()),
+        reason: reason.to_string(),
+        job_fault,
+        release,
+    };
+    if let Err(status) = with_retry("FailJob", client, None, |mut c| {
+        let request = request.clone();
+        async move { c.fail_job(request).await }
+    })
+    .await
+    {
+        tracing::error!(code = ?status.code(), error = %status.message(), "FailJob refused");
+    }
+}

@@ -1,0 +1,675 @@
+//! `rotsweep-worker`: trains sweep jobs with candle.
+//!
+//! Subcommands:
+//! - `train`: one job without a coordinator, from a sweep spec
+//!   (`--spec FILE --model NAME`) or from a data folder with defaults
+//!   (`--data DIR --kind gru`). One line (or JSON object) per epoch, then
+//!   the test result, on stdout; logs on stderr.
+//! - `bench`: times training steps on random tokens (ms/step, as in
+//!   research/baselines.md).
+//!
+//! The CLI parses flags into clap structs, resolves them once into checked
+//! plans, then runs. The lease loop (`--coordinator URL`) is a further mode
+//! of this same `Cli`.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::{IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rotsweep_shared::data::load_rotation;
+use rotsweep_shared::rng::SplitMix64;
+use rotsweep_shared::spec::{DataSpec, ModelKind, ModelSpec, SweepSpec, TrainSpec};
+use rotsweep_worker::adam::{Adam, AdamConfig};
+use rotsweep_worker::model::{seeded_var_builder, Model};
+use rotsweep_worker::recurrent::Recurrence;
+use rotsweep_worker::train::{job_seed, train_job, EpochReport, TrainConfig, TrainHooks};
+use rotsweep_worker::{parse_device, train::TrainOutcome};
+
+/// Trains rotsweep jobs (sequence classifiers) with candle.
+#[derive(Debug, Parser)]
+#[command(name = "rotsweep-worker", version)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Without a subcommand: lease jobs from a coordinator.
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+/// Flags of the default mode, the lease loop.
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        env = "ROTSWEEP_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// File holding the bearer token (default: the ROTSWEEP_TOKEN variable).
+    #[arg(long, env = "ROTSWEEP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Name of this worker in leases and status tables (default: host-pid).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Only take jobs of this sweep.
+    #[arg(long)]
+    sweep: Option<String>,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Keep polling when the queue is drained instead of exiting.
+    #[arg(long)]
+    stay: bool,
+    /// Checkpoint folder root, when the coordinator's is not visible here
+    /// under the same path.
+    #[arg(long)]
+    checkpoint_root: Option<PathBuf>,
+    /// Exit after this many jobs.
+    #[arg(long)]
+    max_jobs: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train one model on one rotation without a coordinator.
+    Train(TrainArgs),
+    /// Time training steps of a model on random tokens.
+    Bench(BenchArgs),
+}
+
+/// Output format of `train`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON object per line: each epoch, then the result.
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Sweep spec (TOML); use with --model.
+    #[arg(long, conflicts_with_all = ["data", "kind"], requires = "model")]
+    spec: Option<PathBuf>,
+    /// Model name in the spec (a key of its [models] table).
+    #[arg(long, requires = "spec")]
+    model: Option<String>,
+    /// Data folder of pfam_fold_{k}.csv files; all settings at defaults.
+    #[arg(long, requires = "kind")]
+    data: Option<PathBuf>,
+    /// Model kind when training from --data.
+    #[arg(long, value_parser = parse_kind)]
+    kind: Option<ModelKind>,
+    /// Rotation index.
+    #[arg(long, default_value_t = 0)]
+    rotation: usize,
+    /// Sequence length (overrides the spec; default: longest training
+    /// sequence).
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Maximum epochs (overrides the spec).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Steps per epoch (overrides the spec; default one full pass).
+    #[arg(long)]
+    steps_per_epoch: Option<usize>,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Folder for checkpoints; an existing checkpoint there is resumed.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Model kind.
+    #[arg(long, value_parser = parse_kind, default_value = "gru")]
+    kind: ModelKind,
+    /// Sequence length.
+    #[arg(long, default_value_t = 256)]
+    len: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Output classes.
+    #[arg(long, default_value_t = 46)]
+    classes: usize,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Recurrence implementation of rnn and gru layers.
+    #[arg(long, value_enum, default_value_t = RecurrenceArg::Fused)]
+    recurrence: RecurrenceArg,
+}
+
+/// `--recurrence` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RecurrenceArg {
+    /// One custom op per layer with a hand-written backward.
+    Fused,
+    /// Plain candle ops per time step (the reference).
+    Composed,
+}
+
+fn parse_kind(s: &str) -> Result<ModelKind, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+
+    let result = match cli.command {
+        Some(Command::Train(args)) => run_train(args),
+        Some(Command::Bench(args)) => run_bench(args),
+        None => run_agent(cli.agent),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The lease loop: resolves the flags, installs the signal handlers (the
+/// first SIGTERM/Ctrl-C stops the current job at a step boundary with a
+/// checkpoint and a lease release), and runs until the queue is drained.
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    use rotsweep_worker::agent::{self, AgentConfig};
+
+    let token = rotsweep_proto::auth::Token::load(args.token_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    let worker_id = args.worker_id.unwrap_or_else(default_worker_id);
+    let cfg = AgentConfig {
+        coordinator: args.coordinator,
+        token,
+        worker_id,
+        sweep: args.sweep,
+        device: args.device,
+        exit_when_drained: !args.stay,
+        checkpoint_root: args.checkpoint_root,
+        max_jobs: args.max_jobs,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("stop requested: finishing the current step");
+            let _ = stop_tx.send(true);
+        });
+        agent::run(cfg, stop_rx).await
+    })
+}
+
+/// `hostname-pid`, unique enough to tell workers apart in status tables.
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// A `train` invocation after its flags are checked.
+struct TrainPlan {
+    data: DataSpec,
+    model: ModelSpec,
+    train: TrainSpec,
+    rotation: usize,
+    device: Device,
+    format: Format,
+    checkpoint_dir: Option<PathBuf>,
+}
+
+impl TrainPlan {
+    fn resolve(args: TrainArgs) -> anyhow::Result<Self> {
+        let (mut data, model, mut train) = match (&args.spec, &args.data) {
+            (Some(path), _) => {
+                let spec = SweepSpec::from_path(path)
+                    .with_context(|| format!("reading sweep spec {}", path.display()))?;
+                let name = args.model.as_deref().unwrap_or_default();
+                let Some(model) = spec.models.get(name) else {
+                    let names: Vec<&str> = spec.models.keys().map(String::as_str).collect();
+                    bail!(
+                        "spec {} has no model `{name}` (it has: {})",
+                        path.display(),
+                        names.join(", ")
+                    );
+                };
+                (spec.data.clone(), model.clone(), spec.train.clone())
+            }
+            (None, Some(dir)) => {
+                let kind = args.kind.context("--data needs --kind")?;
+                let data = DataSpec {
+                    dir: dir.clone(),
+                    version: String::new(),
+                    folds: 5,
+                    train_folds: 3,
+                    rotations: None,
+                    max_len: None,
+                };
+                (data, ModelSpec::new(kind), TrainSpec::default())
+            }
+            (None, None) => bail!("give --spec FILE --model NAME, or --data DIR --kind KIND"),
+        };
+
+        if args.max_len.is_some() {
+            data.max_len = args.max_len;
+        }
+        if let Some(epochs) = args.epochs {
+            train.epochs = epochs;
+        }
+        if args.steps_per_epoch.is_some() {
+            train.steps_per_epoch = args.steps_per_epoch;
+        }
+        if train.epochs == 0 || train.steps_per_epoch == Some(0) || data.max_len == Some(0) {
+            bail!("--epochs, --steps-per-epoch and --max-len must be positive");
+        }
+        if args.rotation >= data.folds {
+            bail!(
+                "rotation {} is not below folds = {}",
+                args.rotation,
+                data.folds
+            );
+        }
+        let device = parse_device(&args.device)?;
+
+        Ok(Self {
+            data,
+            model,
+            train,
+            rotation: args.rotation,
+            device,
+            format: args.format,
+            checkpoint_dir: args.checkpoint_dir,
+        })
+    }
+}
+
+fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+    let plan = TrainPlan::resolve(args)?;
+    let data = load_rotation(&plan.data, plan.rotation).with_context(|| {
+        format!(
+            "loading rotation {} of {}",
+            plan.rotation,
+            plan.data.dir.display()
+        )
+    })?;
+    if let Some((path, line, c)) = &data.oov.first {
+        tracing::warn!(
+            n_chars = data.oov.n_chars,
+            first = %format!("{}:{line}", path.display()),
+            character = %c.escape_default(),
+            "characters outside the training vocabulary map to OOV"
+        );
+    }
+
+    let cfg = TrainConfig {
+        model: plan.model,
+        seed: job_seed(plan.train.seed, plan.rotation),
+        train: plan.train,
+        device: plan.device,
+        checkpoint_dir: plan.checkpoint_dir,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    watch_signals(Arc::clone(&stop));
+
+    let mut hooks = PrintHooks {
+        format: plan.format,
+        stop,
+        printed_header: false,
+    };
+    let outcome = train_job(&cfg, &data, &mut hooks).context("training failed")?;
+    print_outcome(plan.format, &outcome)
+}
+
+/// Sets `stop` on the first SIGINT or SIGTERM; the trainer then finishes its
+/// step, checkpoints and returns.
+fn watch_signals(stop: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot watch signals");
+                    return;
+                }
+            };
+            runtime.block_on(async {
+                #[cfg(unix)]
+                {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let Ok(mut term) = signal(SignalKind::terminate()) else {
+                        let _ = tokio::signal::ctrl_c().await;
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                #[cfg(not(unix))]
+                {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            });
+            tracing::warn!("stop requested; finishing the current step");
+            stop.store(true, Ordering::SeqCst);
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot watch signals");
+    }
+}
+
+/// Prints each epoch and polls the stop flag.
+struct PrintHooks {
+    format: Format,
+    stop: Arc<AtomicBool>,
+    printed_header: bool,
+}
+
+impl PrintHooks {
+    fn print_epoch(&mut self, report: &EpochReport) {
+        match self.format {
+            Format::Table => {
+                if !self.printed_header {
+                    println!(
+                        "{:>5} {:>10} {:>9} {:>10} {:>9} {:>8} {:>9}",
+                        "epoch",
+                        "train_loss",
+                        "train_acc",
+                        "val_loss",
+                        "val_acc",
+                        "seconds",
+                        "ex/s"
+                    );
+                    self.printed_header = true;
+                }
+                println!(
+                    "{:>5} {:>10.4} {:>9.4} {:>10.4} {:>9.4} {:>8.2} {:>9.1}",
+                    report.epoch,
+                    report.train_loss,
+                    report.train_accuracy,
+                    report.val_loss,
+                    report.val_accuracy,
+                    report.seconds,
+                    report.examples_per_second
+                );
+            }
+            Format::Json => print_json("epoch", report),
+        }
+        // A closed stdout is not worth failing a training job for.
+        let _ = std::io::stdout().flush();
+    }
+}
+
+impl TrainHooks for PrintHooks {
+    fn on_epoch(&mut self, report: &EpochReport) -> ControlFlow<()> {
+        self.print_epoch(report);
+        ControlFlow::Continue(())
+    }
+
+    fn should_stop(&mut self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn on_resume(&mut self, reports: &[EpochReport]) {
+        for report in reports {
+            self.print_epoch(report);
+        }
+    }
+}
+
+/// One JSON line: the value's fields plus `"type": kind`.
+fn print_json<T: serde::Serialize>(kind: &str, value: &T) {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::Object(mut fields)) => {
+            fields.insert("type".into(), kind.into());
+            println!("{}", serde_json::Value::Object(fields));
+        }
+        Ok(other) => println!("{other}"),
+        Err(error) => tracing::error!(%error, "cannot serialise {kind}"),
+    }
+}
+
+fn print_outcome(format: Format, outcome: &TrainOutcome) -> anyhow::Result<()> {
+    match format {
+        Format::Table => {
+            println!(
+                "test accuracy {:.4} (loss {:.4}, n = {}, best epoch {} of {}{})",
+                outcome.test_accuracy,
+                outcome.test_loss,
+                outcome.n_test,
+                outcome.best_epoch,
+                outcome.epochs_trained,
+                if outcome.stopped_early {
+                    ", stopped early"
+                } else {
+                    ""
+                }
+            );
+        }
+        Format::Json => {
+            #[derive(serde::Serialize)]
+            struct ResultLine<'a> {
+                test_accuracy: f64,
+                test_loss: f64,
+                n_test: usize,
+                epochs_trained: usize,
+                best_epoch: usize,
+                stopped_early: bool,
+                n_params: usize,
+                labels: &'a [String],
+                confusion: &'a [Vec<u64>],
+            }
+            print_json(
+                "result",
+                &ResultLine {
+                    test_accuracy: outcome.test_accuracy,
+                    test_loss: outcome.test_loss,
+                    n_test: outcome.n_test,
+                    epochs_trained: outcome.epochs_trained,
+                    best_epoch: outcome.best_epoch,
+                    stopped_early: outcome.stopped_early,
+                    n_params: outcome.n_params,
+                    labels: &outcome.labels,
+                    confusion: &outcome.confusion,
+                },
+            );
+        }
+    }
+    std::io::stdout().flush().context("writing to stdout")
+}
+
+fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    if args.batch == 0 || args.steps == 0 {
+        bail!("--batch and --steps must be positive");
+    }
+    let vocab = 27;
+    let spec = ModelSpec::new(args.kind);
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, 42, &device);
+    let recurrence = match args.recurrence {
+        RecurrenceArg::Fused => Recurrence::Fused,
+        RecurrenceArg::Composed => Recurrence::Composed,
+    };
+    let model = Model::new(&spec, vocab, args.classes, args.len, vb)?.with_recurrence(recurrence);
+    let mut adam = Adam::new(&varmap, AdamConfig::default())?;
+
+    // Random tokens 2..vocab and labels, as in the baselines.
+    let mut rng = SplitMix64::new(7);
+    let tokens: Vec<u32> = (0..args.batch * args.len)
+        .map(|_| 2 + rng.below(vocab as u64 - 2) as u32)
+        .collect();
+    let labels: Vec<u32> = (0..args.batch)
+        .map(|_| rng.below(args.classes as u64) as u32)
+        .collect();
+    let tokens = Tensor::from_vec(tokens, (args.batch, args.len), &device)?;
+    let labels = Tensor::from_vec(labels, args.batch, &device)?;
+
+    let mut step = || -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let logits = model.forward(&tokens, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        adam.backward_step(&loss)?;
+        device.synchronize()?;
+        Ok(started.elapsed().as_secs_f64() * 1e3)
+    };
+    for _ in 0..args.warmup {
+        step()?;
+    }
+    let mut train_ms = (0..args.steps)
+        .map(|_| step())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let mut infer_ms = Vec::with_capacity(args.steps);
+    for _ in 0..args.steps {
+        let started = Instant::now();
+        model.forward(&tokens, false)?;
+        device.synchronize()?;
+        infer_ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+
+    println!(
+        "{} L={} batch={} params={}: train {:.1} ms/step (median of {}), infer {:.1} ms/batch",
+        args.kind.as_str(),
+        args.len,
+        args.batch,
+        model.n_params(),
+        median(&mut train_ms),
+        args.steps,
+        median(&mut infer_ms)
+    );
+    Ok(())
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn resolve(args: &[&str]) -> anyhow::Result<TrainPlan> {
+        let cli = Cli::try_parse_from(args)?;
+        match cli.command {
+            Some(Command::Train(args)) => TrainPlan::resolve(args),
+            _ => bail!("not a train command"),
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn train_from_a_data_folder_uses_defaults_and_overrides() -> anyhow::Result<()> {
+        let plan = resolve(&[
+            "rotsweep-worker",
+            "train",
+            "--data",
+            "examples/data/pfam-real",
+            "--kind",
+            "mha",
+            "--rotation",
+            "2",
+            "--max-len",
+            "128",
+            "--epochs",
+            "3",
+            "--format",
+            "json",
+        ])?;
+        assert_eq!(plan.model, ModelSpec::new(ModelKind::Mha));
+        assert_eq!((plan.rotation, plan.data.max_len), (2, Some(128)));
+        assert_eq!(plan.train.epochs, 3);
+        assert_eq!(plan.train.batch_size, TrainSpec::default().batch_size);
+        assert_eq!(plan.format, Format::Json);
+        assert!(plan.device.is_cpu());
+        Ok(())
+    }
+
+    #[test]
+    fn bad_train_flags_are_explained() {
+        let err = |args: &[&str]| resolve(args).err().map(|e| format!("{e:#}"));
+        let missing_kind = err(&["w", "train", "--data", "d"]).unwrap_or_default();
+        assert!(missing_kind.contains("--kind"), "{missing_kind}");
+        let both = err(&["w", "train", "--spec", "s", "--model", "m", "--data", "d"]);
+        assert!(both.is_some());
+        let rotation = err(&[
+            "w",
+            "train",
+            "--data",
+            "d",
+            "--kind",
+            "gru",
+            "--rotation",
+            "5",
+        ])
+        .unwrap_or_default();
+        assert!(rotation.contains("rotation 5"), "{rotation}");
+        let spec = err(&[
+            "w",
+            "train",
+            "--spec",
+            "/nonexistent/spec.toml",
+            "--model",
+            "m",
+        ])
+        .unwrap_or_default();
+        assert!(spec.contains("/nonexistent/spec.toml"), "{spec}");
+    }
+}

@@ -1,0 +1,413 @@
+//! Differentiable ops whose plain candle composition is slow on the CPU.
+//!
+//! candle's backward of a broadcast sums the gradient over the broadcast
+//! dimensions; when those are the leading ones (a bias added to every row,
+//! a layer-norm scale), its CPU reduction takes a slow per-element path that
+//! cost about 15 % of a GRU training step. The ops here compute such sums as
+//! one matmul with a row of ones instead.
+//!
+//! The softmax and the layer norm are here for a related reason: their
+//! composed backward passes make many passes over large tensors, where a
+//! hand-written one makes three.
+//!
+//! They share one pattern, also used by [`crate::recurrent`]: compute the
+//! result on detached tensors with ordinary (device-generic) ops, then wrap
+//! it in a custom op whose forward hands the finished tensor back and whose
+//! backward is written by hand with tensor ops. Nothing device-specific is
+//! needed beyond cloning a storage, so CPU and CUDA both work.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage,
+};
+use candle_core::{Tensor, D};
+
+/// Copies a finished CPU tensor out as a custom op's result. `t` must be a
+/// fresh f32 result of an op: contiguous, offset 0, exactly as large as its
+/// storage.
+pub(crate) fn cpu_result(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("fused op: saved result is not on the CPU")
+    };
+    let len = s.as_slice::<f32>()?.len();
+    if !layout.is_contiguous() || layout.start_offset() != 0 || layout.shape().elem_count() != len {
+        candle_core::bail!("fused op: saved result is not a fresh tensor")
+    }
+    Ok((s.clone(), layout.shape().clone()))
+}
+
+/// Copies a finished CUDA tensor out as a custom op's result (same
+/// requirements as [`cpu_result`]).
+pub(crate) fn cuda_result(t: &Tensor) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+        _ => candle_core::bail!("fused op: saved result is not on a CUDA device"),
+    }
+}
+
+/// A tensor that is certainly fresh: ops that may return a view of their
+/// input (reshape, a one-element stack) are followed by a copy.
+pub(crate) fn fresh(t: Tensor) -> candle_core::Result<Tensor> {
+    let (storage, layout) = t.storage_and_layout();
+    let is_fresh = match &*storage {
+        Storage::Cpu(s) => {
+            layout.is_contiguous()
+                && layout.start_offset() == 0
+                && s.as_slice::<f32>()
+                    .is_ok_and(|v| v.len() == layout.shape().elem_count())
+        }
+        // Only the CPU check is exact; elsewhere copy to be sure.
+        _ => false,
+    };
+    drop(storage);
+    if is_fresh {
+        Ok(t)
+    } else {
+        t.copy()
+    }
+}
+
+/// Sums a gradient over all dimensions but the last: `(.., G)` -> `(G)`,
+/// as `ones(1, N) @ x` (one matmul instead of a strided reduction).
+pub fn sum_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    let g = x.dim(D::Minus1)?;
+    let n = x.elem_count() / g.max(1);
+    let ones = Tensor::ones((1, n), x.dtype(), x.device())?;
+    ones.matmul(&x.reshape((n, g))?)?.squeeze(0)
+}
+
+/// `x + b` with `b` broadcast over every row: `x` is `(.., G)`, `b` is
+/// `(G)`. Same values and gradients as `x.broadcast_add(b)`.
+pub fn add_bias(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let y = fresh(x.detach().broadcast_add(&b.detach())?)?;
+    x.apply_op2(b, AddBias { y })
+}
+
+/// Average pooling with window and stride `pool` along `dim` (0 or 1) of a
+/// rank-3 tensor; trailing steps that do not fill a window are dropped
+/// (Keras 'valid'). Computed as a matmul with a `(T', T)` pooling matrix, so
+/// both directions are one GEMM.
+pub fn avg_pool(xs: &Tensor, dim: usize, pool: usize) -> candle_core::Result<Tensor> {
+    let (a, b, c) = xs.dims3()?;
+    let n = [a, b, c][dim];
+    let kept = n / pool;
+    if pool == 1 {
+        return Ok(xs.clone());
+    }
+
+    let mut weights = vec![0f32; kept * n];
+    for (row, chunk) in weights.chunks_mut(n).enumerate() {
+        chunk[row * pool..(row + 1) * pool].fill(1.0 / pool as f32);
+    }
+    let p = Tensor::from_vec(weights, (kept, n), xs.device())?.to_dtype(xs.dtype())?;
+    match dim {
+        0 => p.matmul(&xs.reshape((a, b * c))?)?.reshape((kept, b, c)),
+        1 => p.broadcast_left(a)?.matmul(&xs.contiguous()?),
+        _ => candle_core::bail!("avg_pool: dim {dim} is not 0 or 1"),
+    }
+}
+
+/// Layer normalisation over the last dimension, `(x - mean) / sqrt(var +
+/// eps) * gamma + beta`, with a hand-written backward:
+///
+/// ```text
+/// x_hat = (x - mean) * rstd,  g_hat = g * gamma
+/// dx = rstd * (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat))
+/// dgamma = sum over rows of g * x_hat,  dbeta = sum over rows of g
+/// ```
+///
+/// `x` is `(.., D)`; `gamma` and `beta` are `(D)`.
+pub fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let xd = x.detach();
+    let centred = xd.broadcast_sub(&xd.mean_keepdim(D::Minus1)?)?;
+    let rstd = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let x_hat = centred.broadcast_mul(&rstd)?;
+    let y = x_hat
+        .broadcast_mul(&gamma.detach())?
+        .broadcast_add(&beta.detach())?;
+    x.apply_op3(
+        gamma,
+        beta,
+        LayerNorm {
+            y: fresh(y)?,
+            x_hat,
+            rstd,
+        },
+    )
+}
+
+struct LayerNorm {
+    y: Tensor,
+    /// Normalised input, `(.., D)`.
+    x_hat: Tensor,
+    /// `1 / sqrt(var + eps)`, `(.., 1)`.
+    rstd: Tensor,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_result(&self.y)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda_result(&self.y)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach();
+        let dgamma = sum_rows(&(&grad * &self.x_hat)?)?;
+        let dbeta = sum_rows(&grad)?;
+
+        let g_hat = grad.broadcast_mul(&gamma.detach())?;
+        let mean_g = g_hat.mean_keepdim(D::Minus1)?;
+        let mean_gx = (&g_hat * &self.x_hat)?.mean_keepdim(D::Minus1)?;
+        let dx = g_hat
+            .broadcast_sub(&mean_g)?
+            .sub(&self.x_hat.broadcast_mul(&mean_gx)?)?
+            .broadcast_mul(&self.rstd)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// Softmax over the last dimension with a hand-written backward,
+/// `dx = y * (g - sum(g * y))`: three passes over the (large) attention
+/// scores instead of the eight or so of candle's composed softmax. The
+/// forward uses candle's fused kernel, which has no backward of its own
+/// (research/baselines.md, finding 6).
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let y = fresh(candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?)?;
+    x.apply_op1(Softmax { y })
+}
+
+struct Softmax {
+    y: Tensor,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_result(&self.y)
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda_result(&self.y)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let gy = (grad.detach() * &self.y)?;
+        let dot = gy.sum_keepdim(D::Minus1)?;
+        Ok(Some(gy.sub(&self.y.broadcast_mul(&dot)?)?))
+    }
+}
+
+struct AddBias {
+    y: Tensor,
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_result(&self.y)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda_result(&self.y)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach();
+        let db = sum_rows(&grad)?;
+        Ok((Some(grad), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rotsweep_shared::rng::SplitMix64;
+
+    fn random_var(shape: &[usize], rng: &mut SplitMix64) -> candle_core::Result<Var> {
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu)?)
+    }
+
+    /// Values, then each var's gradient of `sum(y * probe)`, flattened.
+    fn values_and_grads(
+        y: &Tensor,
+        probe: &Tensor,
+        vars: &[&Var],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let grads = (y * probe)?.sum_all()?.backward()?;
+        let mut out = vec![y.flatten_all()?.to_vec1::<f32>()?];
+        for var in vars {
+            let grad = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))?;
+            out.push(grad.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+
+    fn assert_all_close(a: &[Vec<f32>], b: &[Vec<f32>]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.len(), y.len());
+            for (u, v) in x.iter().zip(y) {
+                assert!((u - v).abs() < 1e-5, "{u} vs {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_bias_matches_the_broadcast_composition() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(3);
+        let x = random_var(&[2, 5, 4], &mut rng)?;
+        let b = random_var(&[4], &mut rng)?;
+        let probe = random_var(&[2, 5, 4], &mut rng)?;
+        let (xt, bt) = (x.as_tensor(), b.as_tensor());
+        assert_all_close(
+            &values_and_grads(&add_bias(xt, bt)?, probe.as_tensor(), &[&x, &b])?,
+            &values_and_grads(&xt.broadcast_add(bt)?, probe.as_tensor(), &[&x, &b])?,
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_the_composition() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(6);
+        let x = random_var(&[2, 5, 8], &mut rng)?;
+        let gamma = random_var(&[8], &mut rng)?;
+        let beta = random_var(&[8], &mut rng)?;
+        let probe = random_var(&[2, 5, 8], &mut rng)?;
+        let (xt, gt, bt) = (x.as_tensor(), gamma.as_tensor(), beta.as_tensor());
+
+        let fused = layer_norm(xt, gt, bt, 1e-3)?;
+        let centred = xt.broadcast_sub(&xt.mean_keepdim(D::Minus1)?)?;
+        let std = (centred.sqr()?.mean_keepdim(D::Minus1)? + 1e-3)?.sqrt()?;
+        let plain = centred
+            .broadcast_div(&std)?
+            .broadcast_mul(gt)?
+            .broadcast_add(bt)?;
+        let vars = [&x, &gamma, &beta];
+        assert_all_close(
+            &values_and_grads(&fused, probe.as_tensor(), &vars)?,
+            &values_and_grads(&plain, probe.as_tensor(), &vars)?,
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_composed_softmax() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(5);
+        let x = random_var(&[2, 3, 5, 7], &mut rng)?;
+        let probe = random_var(&[2, 3, 5, 7], &mut rng)?;
+        let fused = softmax_last_dim(x.as_tensor())?;
+        let plain = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
+        assert_all_close(
+            &values_and_grads(&fused, probe.as_tensor(), &[&x])?,
+            &values_and_grads(&plain, probe.as_tensor(), &[&x])?,
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn pooling_matrix_matches_windowed_means() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(4);
+        // 7 steps, pool 3: windows [0..3] and [3..6]; step 6 is dropped.
+        let x = random_var(&[7, 2, 3], &mut rng)?;
+        let pooled = avg_pool(x.as_tensor(), 0, 3)?;
+        let plain = x
+            .as_tensor()
+            .narrow(0, 0, 6)?
+            .reshape((2, 3, 2, 3))?
+            .mean(1)?;
+        let probe = random_var(&[2, 2, 3], &mut rng)?;
+        assert_all_close(
+            &values_and_grads(&pooled, probe.as_tensor(), &[&x])?,
+            &values_and_grads(&plain, probe.as_tensor(), &[&x])?,
+        );
+
+        let x = random_var(&[2, 7, 3], &mut rng)?;
+        let pooled = avg_pool(x.as_tensor(), 1, 3)?;
+        let plain = x
+            .as_tensor()
+            .narrow(1, 0, 6)?
+            .reshape((2, 2, 3, 3))?
+            .mean(2)?;
+        let probe = random_var(&[2, 2, 3], &mut rng)?;
+        assert_all_close(
+            &values_and_grads(&pooled, probe.as_tensor(), &[&x])?,
+            &values_and_grads(&plain, probe.as_tensor(), &[&x])?,
+        );
+        Ok(())
+    }
+}
