@@ -4,6 +4,8 @@
 //! - [`data`]: fold CSV files, rotations, the character tokenizer and the
 //!   label index.
 //! - [`summary`]: cross-rotation summaries of finished jobs.
+//! - [`stats`]: distributions, per-model statistics and paired tests
+//!   between models across rotations.
 //! - [`rng`]: the small deterministic generator used for shuffling, whose
 //!   whole state is one `u64` so checkpoints can store it.
 //!
@@ -15,6 +17,7 @@ pub mod data;
 pub mod error;
 pub mod rng;
 pub mod spec;
+pub mod stats;
 pub mod summary;
 
 pub use error::{Error, Result};
