@@ -119,6 +119,13 @@ pub struct TrainSpec {
     /// Write a checkpoint every this many epochs (default 1; 0 = never).
     #[serde(default = "defaults::checkpoint_every")]
     pub checkpoint_every: usize,
+    /// Most jobs of this sweep running at once, whatever the number of
+    /// workers (default: no cap). The coordinator stores it with the sweep,
+    /// so it holds across `resume` and coordinator restarts.
+    // Left out of the canonical JSON when unset, so specs stored before the
+    // key existed still compare equal on resubmission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_jobs: Option<usize>,
 }
 
 impl Default for TrainSpec {
@@ -133,6 +140,7 @@ impl Default for TrainSpec {
             seed: defaults::seed(),
             max_attempts: defaults::max_attempts(),
             checkpoint_every: defaults::checkpoint_every(),
+            max_concurrent_jobs: None,
         }
     }
 }
@@ -482,6 +490,12 @@ impl SweepSpec {
         if t.max_attempts == 0 {
             return Err(bad("train.max_attempts", "must be at least 1".into()));
         }
+        if t.max_concurrent_jobs == Some(0) {
+            return Err(bad(
+                "train.max_concurrent_jobs",
+                "must be at least 1 (leave it out for no cap)".into(),
+            ));
+        }
 
         if self.models.is_empty() {
             return Err(bad(
@@ -640,6 +654,26 @@ kind = "mha"
         let text = format!("{ISSUE_SPEC}\n[models.tiny]\nkind = \"gru\"\nunits = 0\n");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("models.tiny.units"), "{err}");
+    }
+
+    #[test]
+    fn concurrency_cap_is_optional_validated_and_absent_from_old_json() {
+        let spec = parse(ISSUE_SPEC).unwrap();
+        assert_eq!(spec.train.max_concurrent_jobs, None);
+        assert!(!spec.to_json().contains("max_concurrent_jobs"));
+
+        let text = ISSUE_SPEC.replace("seed = 42", "seed = 42\nmax_concurrent_jobs = 2");
+        let capped = parse(&text).unwrap();
+        assert_eq!(capped.train.max_concurrent_jobs, Some(2));
+        assert_eq!(SweepSpec::from_json(&capped.to_json()).unwrap(), capped);
+        assert_ne!(capped.to_json(), spec.to_json());
+
+        let zero = ISSUE_SPEC.replace("seed = 42", "seed = 42\nmax_concurrent_jobs = 0");
+        let err = parse(&zero).unwrap_err().to_string();
+        assert!(err.contains("train.max_concurrent_jobs"), "{err}");
+        let misspelt = ISSUE_SPEC.replace("seed = 42", "seed = 42\nmax_concurrent_job = 2");
+        let err = parse(&misspelt).unwrap_err().to_string();
+        assert!(err.contains("max_concurrent_job"), "{err}");
     }
 
     #[test]
