@@ -4,7 +4,7 @@
 //! Every model is
 //!
 //! ```text
-//! tokens (B, L) -> Embedding(vocab, E) [-> + sinusoidal positions (mha)]
+//! tokens (B, L) -> Embedding(vocab, E) [-> x sqrt(E) + sinusoidal positions (mha)]
 //!   -> Conv1D(F, kernel K, stride S, 'valid', ELU)        (B, T0, F)
 //!   -> body
 //!   -> [Dropout -> Dense(u, ELU)] for each hidden width   (B, u)
@@ -46,18 +46,9 @@ use crate::{Error, Result};
 /// Keras' default layer-normalisation epsilon.
 const LAYER_NORM_EPS: f64 = 1e-3;
 
-/// One row of a Keras-like model summary.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LayerInfo {
-    /// Layer name, e.g. `gru_1`, `dense_2`.
-    pub name: String,
-    /// Keras class name, e.g. `GRU`, `Dense`.
-    pub kind: String,
-    /// Output shape without the batch dimension, for sequences of `max_len`.
-    pub output_shape: Vec<usize>,
-    /// Trainable parameters of this layer.
-    pub n_params: usize,
-}
+/// One row of a Keras-like model summary; defined in the shared crate so
+/// the coordinator can store and draw it without candle.
+pub use rotsweep_shared::architecture::LayerInfo;
 
 /// A recurrent layer: input projection plus one of the cells.
 struct RecurrentLayer {
@@ -427,7 +418,12 @@ impl Model {
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((b, len, e))?;
         if let Some(pe) = &self.positions {
-            xs = xs.broadcast_add(&pe.narrow(0, 0, len)?)?;
+            // Scale the embedding by sqrt(E) before adding the encoding (as
+            // in the original Transformer). Unscaled, the +-1 sinusoids drown
+            // the +-0.05 initial embedding and the model never gets past the
+            // majority class (measured: 0.46 vs 0.81 test accuracy on
+            // pfam-real rotation 0 after 6 epochs).
+            xs = (xs * (e as f64).sqrt())?.broadcast_add(&pe.narrow(0, 0, len)?)?;
         }
 
         // Conv1D works channels-first: (B, E, L) -> (B, F, T0). The bias and
