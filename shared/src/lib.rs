@@ -1,5 +1,6 @@
 //! Everything about a rotation sweep that is neither wire format nor tensors.
 //!
+//! - [`architecture`]: a model's layer table (shapes, parameter counts).
 //! - [`spec`]: the sweep spec (TOML), its defaults, validation and job grid.
 //! - [`data`]: fold CSV files, rotations, the character tokenizer and the
 //!   label index.
@@ -13,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod architecture;
 pub mod data;
 pub mod error;
 pub mod rng;
