@@ -12,6 +12,9 @@ use rotsweep_proto::auth::{CheckToken, Token};
 use rotsweep_proto::coordinator_server::CoordinatorServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::codegen::InterceptedService;
+use tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer as ReflectionV1;
+use tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer as ReflectionV1Alpha;
 
 use crate::service::{CoordinatorService, ServiceConfig, MAX_MESSAGE_BYTES};
 use crate::store::{self, Store};
@@ -74,6 +77,49 @@ impl RunningServer {
     }
 }
 
+/// The standard gRPC health service (`grpc.health.v1.Health`) and the
+/// reflection services (v1 and v1alpha, for older `grpcurl`).
+///
+/// Health answers without a token: Kubernetes' gRPC probes cannot send one,
+/// and it reveals only SERVING. Reflection describes the API and needs the
+/// token like the API itself (`grpcurl -expand-headers -H 'authorization:
+/// Bearer ${ROTSWEEP_TOKEN}'`).
+async fn health_and_reflection(
+    token: Option<Token>,
+) -> anyhow::Result<(
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    InterceptedService<
+        ReflectionV1<impl tonic_reflection::pb::v1::server_reflection_server::ServerReflection>,
+        CheckToken,
+    >,
+    InterceptedService<
+        ReflectionV1Alpha<
+            impl tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflection,
+        >,
+        CheckToken,
+    >,
+)> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rotsweep_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the gRPC reflection service (v1)")?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rotsweep_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the gRPC reflection service (v1alpha)")?;
+    Ok((
+        health,
+        InterceptedService::new(v1, CheckToken(token.clone())),
+        InterceptedService::new(v1alpha, CheckToken(token)),
+    ))
+}
+
 /// Opens the store, binds the listener and starts serving.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     if config.token.is_none() && !config.listen.ip().is_loopback() {
@@ -108,11 +154,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         CheckToken(config.token.clone()),
     );
+    let (health, reflection_v1, reflection_v1alpha) =
+        health_and_reflection(config.token.clone()).await?;
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
     let handle = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(grpc)
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = shutdown_rx.wait_for(|stop| *stop).await;
             })

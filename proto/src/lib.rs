@@ -16,6 +16,11 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The encoded `FileDescriptorSet` of `rotsweep.proto`, served by the
+/// coordinator's gRPC reflection service so tools such as `grpcurl` can list
+/// and describe the API without the .proto file.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("rotsweep_descriptor");
+
 /// Connects a client channel to `url` (`http://host:port`) and wraps it
 /// with the bearer-token interceptor.
 pub async fn connect(
