@@ -304,12 +304,16 @@ out=$("$here/launch" "${small[@]}" --workers 2 --workers-only --state "$st2" "$s
 array2b=$(json "d['worker_job']" <<<"$out")
 check "launch --workers-only reuses the running coordinator" \
     test "$(json "d['coordinator_job']" <<<"$out")" = "$coord2"
-need wait_until 120 "a new task trains (epoch >= 1)" task_running "${array2b}_0"
-scancel --batch --signal=USR1 "${array2b}_0"
-wait_until 60 "the warned task requeues itself (PENDING again)" is_state "${array2b}_0" PENDING
+new_task_running() { running_jobs "$st2" slurm2 1 | grep -q " slurm-${array2b}_"; }
+need wait_until 120 "a new task trains (epoch >= 1)" new_task_running
+warned=$(running_jobs "$st2" slurm2 1 | grep -o " slurm-${array2b}_[0-9]* " | head -n 1 | tr -d ' ')
+warned=${warned#slurm-}
+note "warning task $warned of its time limit"
+scancel --batch --signal=USR1 "$warned"
+wait_until 60 "the warned task requeues itself (PENDING again)" is_state "$warned" PENDING
 check "its worker released the job before the requeue" \
-    grep -q "job released after checkpoint" "$st2/logs/worker-${array2b}_0.log"
-check "the task logged its requeue" grep -q "requeueing this task" "$st2/logs/worker-${array2b}_0.log"
+    grep -q "job released after checkpoint" "$st2/logs/worker-$warned.log"
+check "the task logged its requeue" grep -q "requeueing this task" "$st2/logs/worker-$warned.log"
 need wait_until 240 "the other worker finishes the sweep" all_jobs_are "$st2" slurm2 COMPLETED
 # Slurm holds a requeued task back for about two minutes; once the sweep is
 # done the coordinator cancels what is still queued.
