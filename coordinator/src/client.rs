@@ -5,12 +5,21 @@ use std::path::Path;
 
 use anyhow::Context;
 use rotsweep_proto::auth::Token;
+use rotsweep_proto::tls::{self, Remote};
 pub use rotsweep_proto::Client;
 
-/// Connects to `url` with the token from `token_file` or `ROTSWEEP_TOKEN`.
-pub async fn connect(url: &str, token_file: Option<&Path>) -> anyhow::Result<Client> {
+/// Connects to `url` with the token from `token_file` or `ROTSWEEP_TOKEN`;
+/// an `https://` URL is verified against the CA in `tls_ca` (or the file
+/// `ROTSWEEP_TLS_CA` names), else the platform's roots.
+pub async fn connect(
+    url: &str,
+    token_file: Option<&Path>,
+    tls_ca: Option<&Path>,
+) -> anyhow::Result<Client> {
     let token = Token::load(token_file).map_err(anyhow::Error::msg)?;
-    rotsweep_proto::connect(url, token)
+    let ca = tls::load_ca(tls_ca)?;
+    Remote::new(url, token, ca.as_deref())?
+        .connect()
         .await
         .with_context(|| format!("cannot connect to the coordinator at {url}"))
 }

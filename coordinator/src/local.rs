@@ -124,6 +124,9 @@ fn spawn_worker(
     let mut cmd = Command::new(&cfg.worker_bin);
     cmd.args(["--coordinator", url, "--sweep", sweep, "--worker-id", &id])
         .env(TOKEN_ENV, token.expose())
+        // The embedded coordinator speaks plain text on loopback: a CA meant
+        // for a remote coordinator does not apply.
+        .env_remove(rotsweep_proto::tls::CA_ENV)
         .env("RAYON_NUM_THREADS", cfg.threads_per_worker.to_string())
         // Keep big tensor buffers in the heap instead of mmap/munmap per step
         // (measured 1.4-2.3x faster training, research/baselines.md).
@@ -157,6 +160,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         state_dir: cfg.state_dir.clone(),
         token: Some(token.clone()),
         lease_ttl: cfg.lease_ttl,
+        tls: None,
+        insecure_no_tls: false,
     })
     .await?;
     let store = server.service.store().clone();

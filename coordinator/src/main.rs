@@ -18,6 +18,7 @@ use rotsweep_coordinator::local::{self, RunConfig};
 use rotsweep_coordinator::server::{self, ServerConfig};
 use rotsweep_proto as pb;
 use rotsweep_proto::auth::Token;
+use rotsweep_proto::tls::ServerTls;
 use rotsweep_shared::data::{fold_path, fold_sizes, Rotation};
 use rotsweep_shared::spec::SweepSpec;
 
@@ -51,6 +52,23 @@ struct Remote {
     /// File holding the bearer token (default: the ROTSWEEP_TOKEN variable).
     #[arg(long, env = "ROTSWEEP_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the coordinator's certificate, for
+    /// `https://` URLs (default: the file ROTSWEEP_TLS_CA names, else the
+    /// platform's trusted roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+}
+
+impl Remote {
+    /// Connects with the token and TLS settings these flags name.
+    async fn connect(&self) -> anyhow::Result<client::Client> {
+        client::connect(
+            &self.coordinator,
+            self.token_file.as_deref(),
+            self.tls_ca.as_deref(),
+        )
+        .await
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -61,9 +79,21 @@ enum Command {
         #[arg(long)]
         state: PathBuf,
         /// Address to listen on; port 0 picks a free port. Without a token
-        /// only loopback addresses are allowed.
+        /// only loopback addresses are allowed; with a token, any other
+        /// address also needs TLS (or --insecure-no-tls).
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// PEM certificate chain to serve TLS with (needs --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve a token-protected coordinator on a non-loopback address
+        /// without TLS. The token then crosses the network in clear text:
+        /// only for a network you trust completely.
+        #[arg(long)]
+        insecure_no_tls: bool,
         /// File holding the bearer token (default: the ROTSWEEP_TOKEN variable).
         #[arg(long, env = "ROTSWEEP_TOKEN_FILE")]
         token_file: Option<PathBuf>,
@@ -239,16 +269,25 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve {
             state,
             listen,
+            tls_cert,
+            tls_key,
+            insecure_no_tls,
             token_file,
             lease_ttl,
             addr_file,
         } => {
             let token = Token::load(token_file.as_deref()).map_err(anyhow::Error::msg)?;
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(cert), Some(key)) => Some(ServerTls::from_files(cert, key)?),
+                _ => None,
+            };
             let server = server::start(ServerConfig {
                 listen,
                 state_dir: state,
                 token,
                 lease_ttl: seconds(lease_ttl, "lease-ttl")?,
+                tls,
+                insecure_no_tls,
             })
             .await?;
             println!("listening on {}", server.url());
@@ -324,8 +363,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             format,
         } => {
             let spec = load_spec(&spec)?;
-            let mut client =
-                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client = remote.connect().await?;
             let resp = client
                 .submit_sweep(pb::SubmitSweepRequest {
                     spec_json: spec.to_json(),
@@ -355,8 +393,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client =
-                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client = remote.connect().await?;
             let resp = client
                 .sweep_status(pb::SweepStatusRequest { sweep })
                 .await
@@ -371,8 +408,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client =
-                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client = remote.connect().await?;
             let resp = client
                 .sweep_summary(pb::SweepSummaryRequest { sweep })
                 .await
@@ -391,8 +427,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client =
-                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client = remote.connect().await?;
             let resp = client
                 .list_epochs(pb::ListEpochsRequest { sweep })
                 .await
@@ -407,8 +442,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client =
-                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client = remote.connect().await?;
             let resp = client
                 .cancel_sweep(pb::CancelSweepRequest {
                     sweep: sweep.clone(),
@@ -436,8 +470,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client =
-                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client = remote.connect().await?;
             let resp = client
                 .resume_sweep(pb::ResumeSweepRequest {
                     sweep: sweep.clone(),
@@ -461,8 +494,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
-            let mut client =
-                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client = remote.connect().await?;
             let mut stream = client
                 .watch(pb::WatchRequest { sweep })
                 .await
@@ -475,8 +507,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
 
         Command::Sweeps { remote, format } => {
-            let mut client =
-                client::connect(&remote.coordinator, remote.token_file.as_deref()).await?;
+            let mut client = remote.connect().await?;
             let resp = client
                 .list_sweeps(pb::ListSweepsRequest {})
                 .await

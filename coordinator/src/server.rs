@@ -1,6 +1,6 @@
-//! Binding and running the coordinator server: the authentication rule
-//! (no token, loopback only), the lease-expiry ticker, and a graceful
-//! shutdown the caller controls.
+//! Binding and running the coordinator server: the binding rule (see
+//! [`check_bind`]), TLS, the lease-expiry ticker, and a graceful shutdown
+//! the caller controls.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use rotsweep_proto::auth::{CheckToken, Token};
 use rotsweep_proto::coordinator_server::CoordinatorServer;
+use rotsweep_proto::tls::ServerTls;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::codegen::InterceptedService;
@@ -30,6 +31,39 @@ pub struct ServerConfig {
     pub token: Option<Token>,
     /// Lease duration without heartbeat.
     pub lease_ttl: Duration,
+    /// Certificate and key to serve TLS with; `None` serves plain text.
+    pub tls: Option<ServerTls>,
+    /// Allow a token on a non-loopback address without TLS (the token then
+    /// crosses the network in clear text).
+    pub insecure_no_tls: bool,
+}
+
+/// The binding rule: without a token only a loopback address; with a token
+/// on any other address, TLS too, unless `insecure_no_tls` says otherwise.
+pub fn check_bind(
+    listen: SocketAddr,
+    has_token: bool,
+    has_tls: bool,
+    insecure_no_tls: bool,
+) -> anyhow::Result<()> {
+    if listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !has_token {
+        bail!(
+            "refusing to listen on {listen} without a token: set {} or pass --token-file, \
+             or listen on a loopback address",
+            rotsweep_proto::auth::TOKEN_ENV
+        );
+    }
+    if !has_tls && !insecure_no_tls {
+        bail!(
+            "refusing to listen on {listen} without TLS: the bearer token would cross the \
+             network in clear text; pass --tls-cert and --tls-key, listen on a loopback \
+             address, or pass --insecure-no-tls"
+        );
+    }
+    Ok(())
 }
 
 /// A running server.
@@ -38,15 +72,17 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// The service, for in-process subscribers and direct store access.
     pub service: CoordinatorService,
+    tls: bool,
     shutdown_tx: watch::Sender<bool>,
     handle: JoinHandle<Result<(), tonic::transport::Error>>,
     ticker: JoinHandle<()>,
 }
 
 impl RunningServer {
-    /// The `http://` URL clients connect to.
+    /// The URL clients connect to (`https://` when serving TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting requests, lets in-flight ones finish, and waits.
@@ -122,13 +158,17 @@ async fn health_and_reflection(
 
 /// Opens the store, binds the listener and starts serving.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
-    if config.token.is_none() && !config.listen.ip().is_loopback() {
-        bail!(
-            "refusing to listen on {} without a token: set {} or pass --token-file, \
-             or listen on a loopback address",
-            config.listen,
-            rotsweep_proto::auth::TOKEN_ENV
-        );
+    check_bind(
+        config.listen,
+        config.token.is_some(),
+        config.tls.is_some(),
+        config.insecure_no_tls,
+    )?;
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.config())
+            .context("loading the TLS certificate and key")?;
     }
 
     let store = Store::open(&config.state_dir)
@@ -158,8 +198,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         health_and_reflection(config.token.clone()).await?;
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
     let handle = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        builder
             .add_service(grpc)
             .add_service(health)
             .add_service(reflection_v1)
@@ -188,12 +227,42 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }
     });
 
-    tracing::info!(%addr, auth = config.token.is_some(), state = %config.state_dir.display(), "coordinator listening");
+    if config.token.is_some() && config.tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "serving without TLS: the bearer token crosses the network in clear text (--insecure-no-tls)");
+    }
+    tracing::info!(%addr, auth = config.token.is_some(), tls = config.tls.is_some(), state = %config.state_dir.display(), "coordinator listening");
     Ok(RunningServer {
         addr,
         service,
+        tls: config.tls.is_some(),
+
         shutdown_tx,
         handle,
         ticker,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binding_beyond_loopback_needs_a_token_and_tls() {
+        let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:0".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+
+        // Loopback: anything goes.
+        assert!(check_bind(lo, false, false, false).is_ok());
+        assert!(check_bind(lo6, false, false, false).is_ok());
+
+        // Beyond loopback: a token, and TLS unless explicitly waived.
+        let err = check_bind(any, false, true, true).unwrap_err().to_string();
+        assert!(err.contains("without a token"), "{err}");
+        let err = check_bind(any, true, false, false).unwrap_err().to_string();
+        assert!(err.contains("without TLS"), "{err}");
+        assert!(err.contains("--insecure-no-tls"), "{err}");
+        assert!(check_bind(any, true, true, false).is_ok());
+        assert!(check_bind(any, true, false, true).is_ok());
+    }
 }

@@ -15,6 +15,13 @@
 //! resumes from a checkpoint at epoch k reports k+1, k+2, ...; rows of an
 //! earlier attempt at or after the first epoch a later attempt reported are
 //! superseded and hidden from every query (see [`Store::epochs`]).
+//!
+//! Scheduling: a lease takes the pending job with the largest expected cost
+//! first, estimated at submit time from the model kind, sequence length,
+//! steps and epochs, and refined from measured seconds per epoch as epochs
+//! are reported (see `refine_costs`). A sweep's `max_concurrent_jobs` is
+//! stored with the sweep and counted against its RUNNING jobs at each lease,
+//! so it holds across `resume` and coordinator restarts.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -238,7 +245,8 @@ CREATE TABLE IF NOT EXISTS sweeps (
     max_attempts  INTEGER NOT NULL,
     monitor       TEXT NOT NULL,
     cancelled     INTEGER NOT NULL DEFAULT 0,
-    created_ms    INTEGER NOT NULL
+    created_ms    INTEGER NOT NULL,
+    max_concurrent INTEGER
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id                 INTEGER PRIMARY KEY,
@@ -253,6 +261,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_deadline_ms  INTEGER,
     attempt_started_ms INTEGER,
     cost               REAL NOT NULL,
+    base_cost          REAL,
     infra_failures     INTEGER NOT NULL DEFAULT 0,
     job_failures       INTEGER NOT NULL DEFAULT 0,
     last_error         TEXT NOT NULL DEFAULT '',
@@ -331,6 +340,16 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        // Databases made before the concurrency cap and measured costs.
+        if !has_column(&conn, "sweeps", "max_concurrent")? {
+            conn.execute_batch("ALTER TABLE sweeps ADD COLUMN max_concurrent INTEGER")?;
+        }
+        if !has_column(&conn, "jobs", "base_cost")? {
+            conn.execute_batch(
+                "ALTER TABLE jobs ADD COLUMN base_cost REAL; \
+                 UPDATE jobs SET base_cost = cost WHERE base_cost IS NULL;",
+            )?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
             path,
@@ -382,7 +401,7 @@ impl Store {
         };
         tx.execute(
             "INSERT INTO sweeps (name, base_name, version, spec_json, max_attempts, monitor, \
-             created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             created_ms, max_concurrent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 name,
                 spec.name,
@@ -390,7 +409,8 @@ impl Store {
                 spec_json,
                 spec.train.max_attempts,
                 spec.train.monitor.as_str(),
-                now_ms()
+                now_ms(),
+                spec.train.max_concurrent_jobs.map(|n| n as i64)
             ],
         )?;
         let sweep_id = tx.last_insert_rowid();
@@ -399,8 +419,8 @@ impl Store {
         for job in spec.jobs() {
             let cost = job.kind.relative_cost() * length * steps * spec.train.epochs as f64;
             tx.execute(
-                "INSERT INTO jobs (sweep_id, model, kind, rotation, state, cost) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO jobs (sweep_id, model, kind, rotation, state, cost, base_cost) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
                 params![
                     sweep_id,
                     job.model,
@@ -429,7 +449,9 @@ impl Store {
         Ok(n)
     }
 
-    /// Leases the queued job with the largest expected cost.
+    /// Leases the queued job with the largest expected cost (see
+    /// [`refine_costs`]), skipping sweeps that already run their
+    /// `max_concurrent_jobs`.
     pub fn lease(
         &self,
         worker_id: &str,
@@ -457,6 +479,8 @@ impl Store {
                 "SELECT j.id, j.attempt, s.name, j.model, j.rotation, s.spec_json \
                  FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
                  WHERE j.state = ?1 AND s.cancelled = 0 AND (?2 IS NULL OR j.sweep_id = ?2) \
+                 AND (s.max_concurrent IS NULL OR s.max_concurrent > (SELECT COUNT(*) \
+                     FROM jobs r WHERE r.sweep_id = s.id AND r.state = 'RUNNING')) \
                  ORDER BY j.cost DESC, j.id LIMIT 1",
                 params![state::PENDING, sweep_id],
                 |r| {
@@ -584,6 +608,9 @@ impl Store {
              WHERE id = ?4",
             params![last_epoch.unwrap_or(0), best, now + ttl_ms, at.job_id],
         )?;
+        if n == 1 {
+            refine_costs(&tx, at.job_id)?;
+        }
         tx.commit()?;
         Ok((n == 1, cancelled))
     }
@@ -921,6 +948,65 @@ impl Store {
     }
 }
 
+/// Re-estimates the cost of every job of `job_id`'s sweep whose model has
+/// measured epochs.
+///
+/// Costs stay in the units of the static estimate made at submit time
+/// (`base_cost`: model kind x sequence length x steps x epochs). Each model
+/// with stored epoch rows has a measured mean of seconds per epoch `spe`;
+/// the sweep's seconds per cost unit `k` is the mean of `spe / base_cost`
+/// over those models, and a measured model's jobs cost `spe / k`. So models
+/// are ordered by their real speed once measured, models not yet measured
+/// keep their estimate on the same scale, and a single measured model keeps
+/// its estimate (one measurement says nothing about the others).
+fn refine_costs(conn: &Connection, job_id: i64) -> StoreResult<()> {
+    let sweep_id: i64 =
+        conn.query_row("SELECT sweep_id FROM jobs WHERE id = ?1", [job_id], |r| {
+            r.get(0)
+        })?;
+    let measured: Vec<(String, f64, f64)> = {
+        // Every stored row counts, superseded ones too: they are real
+        // measurements of how long an epoch of that model takes.
+        let mut stmt = conn.prepare(
+            "SELECT j.model, AVG(e.seconds), MAX(j.base_cost) \
+             FROM epochs e JOIN jobs j ON j.id = e.job_id \
+             WHERE j.sweep_id = ?1 AND e.seconds > 0 AND j.base_cost > 0 GROUP BY j.model",
+        )?;
+        let rows = stmt.query_map([sweep_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    if measured.is_empty() {
+        return Ok(());
+    }
+    let k = measured
+        .iter()
+        .map(|(_, spe, base)| spe / base)
+        .sum::<f64>()
+        / measured.len() as f64;
+    if !(k.is_finite() && k > 0.0) {
+        return Ok(());
+    }
+    for (model, spe, _) in &measured {
+        conn.execute(
+            "UPDATE jobs SET cost = ?1 WHERE sweep_id = ?2 AND model = ?3",
+            params![spe / k, sweep_id, model],
+        )?;
+    }
+    Ok(())
+}
+
+/// True when `table` has a column named `column`.
+fn has_column(conn: &Connection, table: &str, column: &str) -> StoreResult<bool> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+    for name in names {
+        if name? == column {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 fn sweep_id_in(conn: &Connection, sweep: &str) -> StoreResult<i64> {
     conn.query_row("SELECT id FROM sweeps WHERE name = ?1", [sweep], |r| {
         r.get(0)
@@ -1215,5 +1301,123 @@ mod tests {
         assert!(store.is_finished("s").unwrap());
         let jobs = store.jobs("s", 4).unwrap();
         assert!(jobs.iter().all(|j| j.state == state::CANCELLED));
+    }
+
+    fn spec_text(name: &str, rotations: &str, train_extra: &str) -> SweepSpec {
+        let text = format!(
+            "name = \"{name}\"\n[data]\ndir = \"/nonexistent\"\nrotations = {rotations}\n\
+             [train]\nepochs = 2\n{train_extra}\n[models.gru]\nkind = \"gru\"\n\
+             [models.rnn]\nkind = \"rnn\"\n"
+        );
+        SweepSpec::from_toml(&text, Path::new("t.toml")).unwrap()
+    }
+
+    fn release(store: &Store, l: &Lease, now: i64) {
+        store.fail(&at(l), "released", false, true, now).unwrap();
+    }
+
+    #[test]
+    fn concurrency_cap_holds_across_restart_and_resume() {
+        let dir = std::env::temp_dir().join(format!("rotsweep-store-cap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ttl = 1_000_000;
+        let store = Store::open(&dir).unwrap();
+        store
+            .submit(&spec_text("s", "[0, 1]", "max_concurrent_jobs = 2"), false)
+            .unwrap();
+        let a = leased(store.lease("w1", None, 0, ttl).unwrap());
+        let b = leased(store.lease("w2", None, 0, ttl).unwrap());
+        assert_eq!(store.lease("w3", None, 0, ttl).unwrap(), LeaseOutcome::Wait);
+        assert_eq!(
+            store.lease("w3", Some("s"), 0, ttl).unwrap(),
+            LeaseOutcome::Wait
+        );
+
+        // The cap lives in the database: a restarted coordinator keeps it.
+        drop(store);
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.lease("w3", None, 1, ttl).unwrap(), LeaseOutcome::Wait);
+
+        // A freed slot is taken again, and only one.
+        release(&store, &a, 2);
+        let c = leased(store.lease("w3", None, 3, ttl).unwrap());
+        assert_eq!(store.lease("w4", None, 3, ttl).unwrap(), LeaseOutcome::Wait);
+
+        // Cancel everything, resume: still two at a time.
+        store.cancel("s").unwrap();
+        for j in store.jobs("s", 4).unwrap() {
+            if j.state == state::RUNNING {
+                let l = AttemptRef {
+                    job_id: j.job_id,
+                    attempt: j.attempt,
+                    token: if j.job_id == c.job_id {
+                        c.token.clone()
+                    } else {
+                        b.token.clone()
+                    },
+                };
+                store.fail(&l, "cancelled", false, false, 4).unwrap();
+            }
+        }
+        assert_eq!(store.resume("s", &[state::CANCELLED]).unwrap(), 4);
+        let _ = leased(store.lease("w5", None, 5, ttl).unwrap());
+        let _ = leased(store.lease("w6", None, 5, ttl).unwrap());
+        assert_eq!(store.lease("w7", None, 5, ttl).unwrap(), LeaseOutcome::Wait);
+
+        // Another sweep without a cap is not held back by this one.
+        store.submit(&spec_text("t", "[0]", ""), false).unwrap();
+        let other = leased(store.lease("w7", None, 6, ttl).unwrap());
+        assert_eq!(other.sweep, "t");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn measured_epoch_times_reorder_the_queue() {
+        let store = temp_store("cost");
+        let ttl = 1_000_000;
+        store
+            .submit(&spec_text("s", "[0, 1, 2]", ""), false)
+            .unwrap();
+        let timed = |epoch: u32, seconds: f64| EpochMetrics {
+            epoch,
+            seconds,
+            ..Default::default()
+        };
+
+        // The static estimate puts the three gru jobs first.
+        let ls: Vec<Lease> = (0..4)
+            .map(|i| leased(store.lease(&format!("w{i}"), None, 0, ttl).unwrap()))
+            .collect();
+        let models: Vec<&str> = ls.iter().map(|l| l.model.as_str()).collect();
+        assert_eq!(models, ["gru", "gru", "gru", "rnn"]);
+
+        // One measured model alone says nothing about the others: the
+        // order stays.
+        store
+            .report_epoch(&at(&ls[0]), &timed(1, 1.0), 1, ttl)
+            .unwrap();
+        release(&store, &ls[2], 1);
+        let again = leased(store.lease("w9", None, 2, ttl).unwrap());
+        assert_eq!(again.model, "gru");
+
+        // rnn turns out ten times slower per epoch than gru: its pending
+        // jobs now go first, although the estimate said the opposite.
+        store
+            .report_epoch(&at(&ls[3]), &timed(1, 10.0), 3, ttl)
+            .unwrap();
+        release(&store, &ls[1], 3);
+        release(&store, &again, 3);
+        let next = leased(store.lease("w10", None, 4, ttl).unwrap());
+        assert_eq!(next.model, "rnn");
+        let next = leased(store.lease("w11", None, 4, ttl).unwrap());
+        assert_eq!(next.model, "rnn");
+        let next = leased(store.lease("w12", None, 4, ttl).unwrap());
+        assert_eq!(next.model, "gru");
+
+        // A re-sent report changes nothing.
+        let (stored, _) = store
+            .report_epoch(&at(&ls[3]), &timed(1, 10.0), 5, ttl)
+            .unwrap();
+        assert!(!stored);
     }
 }

@@ -138,12 +138,26 @@ impl Server {
     /// Starts `rotsweep serve --listen 127.0.0.1:0` with `token` in its
     /// environment and waits (bounded) for its `listening on` line.
     pub fn start(state: &Path, token: Option<&str>, lease_ttl_s: f64) -> anyhow::Result<Self> {
+        Self::start_with(state, token, lease_ttl_s, Extra::default())
+    }
+
+    /// [`Server::start`] with more `serve` flags (e.g. `--tls-cert`) and
+    /// environment; the URL is `https://` when the server says so.
+    pub fn start_with(
+        state: &Path,
+        token: Option<&str>,
+        lease_ttl_s: f64,
+        extra: Extra<'_>,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("rotsweep"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--lease-ttl"])
             .arg(lease_ttl_s.to_string())
             .arg("--state")
             .arg(state)
+            .args(extra.args)
             .env_remove("ROTSWEEP_TOKEN")
+            .env_remove("ROTSWEEP_TLS_CA")
+            .envs(extra.envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file(state, "serve")?));
         if let Some(t) = token {
@@ -177,6 +191,16 @@ impl Server {
     }
 }
 
+/// More flags and environment variables for a child process.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Extra<'a> {
+    /// Flags appended to the command line.
+    pub args: &'a [&'a str],
+    /// Variables set in the child's environment (after the helpers remove
+    /// `ROTSWEEP_TOKEN` and `ROTSWEEP_TLS_CA`).
+    pub envs: &'a [(&'a str, &'a str)],
+}
+
 /// A log file under `dir` for a child's stderr.
 pub fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     let path = dir.join(format!("{name}.log"));
@@ -196,9 +220,25 @@ pub fn start_worker(
     sweep: &str,
     log_dir: &Path,
 ) -> anyhow::Result<Proc> {
+    start_worker_with(url, token, id, sweep, log_dir, Extra::default())
+}
+
+/// [`start_worker`] with more worker flags (e.g. `--tls-ca`) and
+/// environment.
+pub fn start_worker_with(
+    url: &str,
+    token: Option<&str>,
+    id: &str,
+    sweep: &str,
+    log_dir: &Path,
+    extra: Extra<'_>,
+) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(bin("rotsweep-worker"));
     cmd.args(["--coordinator", url, "--worker-id", id, "--sweep", sweep])
+        .args(extra.args)
         .env_remove("ROTSWEEP_TOKEN")
+        .env_remove("ROTSWEEP_TLS_CA")
+        .envs(extra.envs.iter().copied())
         .env("RAYON_NUM_THREADS", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::from(log_file(log_dir, id)?));
@@ -215,7 +255,9 @@ pub fn start_worker(
 /// stdout, stderr).
 pub fn cli(args: &[&str], token: Option<&str>) -> anyhow::Result<(i32, String, String)> {
     let mut cmd = Command::new(bin("rotsweep"));
-    cmd.args(args).env_remove("ROTSWEEP_TOKEN");
+    cmd.args(args)
+        .env_remove("ROTSWEEP_TOKEN")
+        .env_remove("ROTSWEEP_TLS_CA");
     if let Some(t) = token {
         cmd.env("ROTSWEEP_TOKEN", t);
     }
@@ -260,4 +302,47 @@ pub fn dump_logs(dir: &Path) {
             }
         }
     }
+}
+
+/// PEM files of a private test CA and a server certificate it signed.
+pub struct TestCerts {
+    /// The CA certificate clients trust (`--tls-ca`).
+    pub ca: PathBuf,
+    /// The server's certificate (`--tls-cert`), valid for `localhost` and
+    /// `127.0.0.1`.
+    pub cert: PathBuf,
+    /// The server's private key (`--tls-key`).
+    pub key: PathBuf,
+}
+
+/// Generates a fresh CA and a server certificate signed by it under `dir`
+/// (nothing is downloaded; keys live only for this test).
+pub fn write_test_certs(dir: &Path) -> anyhow::Result<TestCerts> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+    let ca_key = KeyPair::generate().context("generating the CA key")?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "rotsweep test CA");
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().context("generating the server key")?;
+    let server_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let server_cert = server_params.signed_by(&server_key, &issuer)?;
+
+    std::fs::create_dir_all(dir)?;
+    let certs = TestCerts {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    };
+    std::fs::write(&certs.ca, ca_cert.pem())?;
+    std::fs::write(&certs.cert, server_cert.pem())?;
+    std::fs::write(&certs.key, server_key.serialize_pem())?;
+    Ok(certs)
 }

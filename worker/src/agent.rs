@@ -33,10 +33,13 @@ use crate::train::{self, EpochReport, TrainConfig, TrainHooks, TrainOutcome};
 /// Settings of the lease loop.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Coordinator URL (`http://host:port`).
+    /// Coordinator URL (`http://host:port` or `https://host:port`).
     pub coordinator: String,
     /// Bearer token.
     pub token: Option<Token>,
+    /// PEM certificates of a private CA for an `https://` coordinator
+    /// (`None`: the platform's trusted roots).
+    pub tls_ca: Option<Vec<u8>>,
     /// This worker's name in leases and status tables.
     pub worker_id: String,
     /// Only take jobs of this sweep.
@@ -131,9 +134,15 @@ async fn connect(
     cfg: &AgentConfig,
     stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Option<pb::Client>> {
+    // A bad URL or CA is a configuration error: fail at once, no retries.
+    let remote = rotsweep_proto::tls::Remote::new(
+        &cfg.coordinator,
+        cfg.token.clone(),
+        cfg.tls_ca.as_deref(),
+    )?;
     let mut tries = 0;
     loop {
-        match rotsweep_proto::connect(&cfg.coordinator, cfg.token.clone()).await {
+        match remote.connect().await {
             Ok(client) => return Ok(Some(client)),
             Err(e) => {
                 tries += 1;

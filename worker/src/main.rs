@@ -60,6 +60,11 @@ struct AgentArgs {
     /// File holding the bearer token (default: the ROTSWEEP_TOKEN variable).
     #[arg(long, env = "ROTSWEEP_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the coordinator's certificate, for an
+    /// `https://` coordinator (default: the file ROTSWEEP_TLS_CA names, else
+    /// the platform's trusted roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
     /// Name of this worker in leases and status tables (default: host-pid).
     #[arg(long)]
     worker_id: Option<String>,
@@ -203,10 +208,14 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 
     let token = rotsweep_proto::auth::Token::load(args.token_file.as_deref())
         .map_err(anyhow::Error::msg)?;
+    let tls_ca = rotsweep_proto::tls::load_ca(args.tls_ca.as_deref())?;
+    // Check the URL and TLS settings now, before any signal handler or job.
+    rotsweep_proto::tls::Remote::new(&args.coordinator, None, tls_ca.as_deref())?;
     let worker_id = args.worker_id.unwrap_or_else(default_worker_id);
     let cfg = AgentConfig {
         coordinator: args.coordinator,
         token,
+        tls_ca,
         worker_id,
         sweep: args.sweep,
         device: args.device,
