@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::server::{self, ServerConfig};
 use crate::service::Event;
-use crate::store::{state, StoreError};
+use crate::store::{state, QuarantinePolicy, StoreError};
 
 /// Settings of a local run, resolved from the command line.
 #[derive(Debug, Clone)]
@@ -162,6 +162,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         lease_ttl: cfg.lease_ttl,
         tls: None,
         insecure_no_tls: false,
+        // Local workers share one machine: quarantining one would only
+        // slow the sweep down, since the others see the same failures.
+        quarantine: QuarantinePolicy {
+            after: 0,
+            ..QuarantinePolicy::default()
+        },
     })
     .await?;
     let store = server.service.store().clone();

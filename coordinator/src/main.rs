@@ -16,6 +16,7 @@ use rotsweep_coordinator::client::{self, rpc_error};
 use rotsweep_coordinator::convert::summary_from_pb;
 use rotsweep_coordinator::local::{self, RunConfig};
 use rotsweep_coordinator::server::{self, ServerConfig};
+use rotsweep_coordinator::store::QuarantinePolicy;
 use rotsweep_proto as pb;
 use rotsweep_proto::auth::Token;
 use rotsweep_proto::tls::ServerTls;
@@ -100,6 +101,13 @@ enum Command {
         /// Seconds a lease lasts without a heartbeat.
         #[arg(long, default_value_t = 30.0)]
         lease_ttl: f64,
+        /// Quarantine a worker after this many job failures in a row
+        /// (0: never).
+        #[arg(long, default_value_t = 3)]
+        quarantine_after: u32,
+        /// Seconds a quarantined worker gets no leases.
+        #[arg(long, default_value_t = 600.0)]
+        quarantine_secs: f64,
         /// Write the bound address to this file once listening.
         #[arg(long)]
         addr_file: Option<PathBuf>,
@@ -274,6 +282,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             insecure_no_tls,
             token_file,
             lease_ttl,
+            quarantine_after,
+            quarantine_secs,
             addr_file,
         } => {
             let token = Token::load(token_file.as_deref()).map_err(anyhow::Error::msg)?;
@@ -288,6 +298,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 lease_ttl: seconds(lease_ttl, "lease-ttl")?,
                 tls,
                 insecure_no_tls,
+                quarantine: QuarantinePolicy {
+                    after: quarantine_after,
+                    cool_down_ms: seconds(quarantine_secs, "quarantine-secs")?.as_millis() as i64,
+                },
             })
             .await?;
             println!("listening on {}", server.url());
@@ -631,19 +645,40 @@ fn print_status(resp: &pb::SweepStatusResponse, format: Format) {
                         "elapsed_seconds": j.elapsed_seconds,
                         "test_accuracy": finite(j.test_accuracy),
                         "last_error": j.last_error,
+                        "infra_failures": j.infra_failures,
+                        "job_failures": j.job_failures,
                     })
                 })
                 .collect();
-            println!("{}", serde_json::json!({"sweep": resp.sweep, "jobs": jobs}));
+            let workers: Vec<_> = resp
+                .workers
+                .iter()
+                .map(|w| {
+                    serde_json::json!({
+                        "worker_id": w.worker_id, "completed": w.n_completed,
+                        "job_failures": w.n_job_failures, "infra_failures": w.n_infra_failures,
+                        "consecutive_failures": w.consecutive_failures,
+                        "quarantined": w.quarantined,
+                        "quarantine_seconds_left": w.quarantine_seconds_left,
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"sweep": resp.sweep, "jobs": jobs, "workers": workers})
+            );
         }
         Format::Table => {
+            // `lost/failed`: attempts lost with their worker (lease expired)
+            // and attempts the job itself failed.
             println!(
-                "{:>4} {:<10} {:>3} {:<9} {:>7} {:<12} {:>5} {:>8} {:>8} {:>8}",
+                "{:>4} {:<10} {:>3} {:<9} {:>7} {:>11} {:<12} {:>5} {:>8} {:>8} {:>8}",
                 "job",
                 "model",
                 "rot",
                 "state",
                 "attempt",
+                "lost/failed",
                 "worker",
                 "epoch",
                 "best",
@@ -653,12 +688,13 @@ fn print_status(resp: &pb::SweepStatusResponse, format: Format) {
             for j in &resp.jobs {
                 let f = |x: f64| finite(x).map_or("-".into(), |v| format!("{v:.4}"));
                 println!(
-                    "{:>4} {:<10} {:>3} {:<9} {:>7} {:<12} {:>5} {:>8} {:>7.0}s {:>8}",
+                    "{:>4} {:<10} {:>3} {:<9} {:>7} {:>11} {:<12} {:>5} {:>8} {:>7.0}s {:>8}",
                     j.job_id,
                     j.model,
                     j.rotation,
                     j.state,
                     j.attempt,
+                    format!("{}/{}", j.infra_failures, j.job_failures),
                     j.worker_id,
                     j.epoch,
                     f(j.best_metric),
@@ -667,6 +703,28 @@ fn print_status(resp: &pb::SweepStatusResponse, format: Format) {
                 );
                 if !j.last_error.is_empty() && j.state != "COMPLETED" {
                     println!("     last error: {}", j.last_error);
+                }
+            }
+            if !resp.workers.is_empty() {
+                println!();
+                println!(
+                    "{:<16} {:>9} {:>11} {:>6} {:>8}  quarantine",
+                    "worker", "completed", "job_failed", "lost", "in_a_row"
+                );
+                for w in &resp.workers {
+                    let quarantine = if w.quarantined {
+                        format!("yes, {:.0} s left", w.quarantine_seconds_left)
+                    } else {
+                        "no".to_string()
+                    };
+                    println!(
+                        "{:<16} {:>9} {:>11} {:>6} {:>8}  {quarantine}",
+                        w.worker_id,
+                        w.n_completed,
+                        w.n_job_failures,
+                        w.n_infra_failures,
+                        w.consecutive_failures
+                    );
                 }
             }
         }

@@ -18,7 +18,7 @@ use tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer a
 use tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer as ReflectionV1Alpha;
 
 use crate::service::{CoordinatorService, ServiceConfig, MAX_MESSAGE_BYTES};
-use crate::store::{self, Store};
+use crate::store::{self, QuarantinePolicy, Store};
 
 /// Everything `serve` needs, resolved and checked.
 #[derive(Debug, Clone)]
@@ -36,6 +36,8 @@ pub struct ServerConfig {
     /// Allow a token on a non-loopback address without TLS (the token then
     /// crosses the network in clear text).
     pub insecure_no_tls: bool,
+    /// When a worker that fails job after job stops getting leases.
+    pub quarantine: QuarantinePolicy,
 }
 
 /// The binding rule: without a token only a loopback address; with a token
@@ -172,7 +174,21 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     }
 
     let store = Store::open(&config.state_dir)
-        .with_context(|| format!("opening state in {}", config.state_dir.display()))?;
+        .with_context(|| format!("opening state in {}", config.state_dir.display()))?
+        .with_quarantine(config.quarantine);
+    // Workers that kept training while this coordinator was down are
+    // retrying their heartbeats: give them one lease time to get through
+    // instead of expiring their leases for the downtime.
+    let ttl_ms = config.lease_ttl.as_millis() as i64;
+    let n_running = store
+        .extend_running_leases(store::now_ms(), ttl_ms)
+        .context("extending the leases of running jobs")?;
+    if n_running > 0 {
+        tracing::info!(
+            n_running,
+            "running jobs kept; their workers have one lease time to report back"
+        );
+    }
     let store = Arc::new(store);
     let service = CoordinatorService::new(
         store.clone(),
@@ -212,17 +228,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     // Expire dead leases even when no worker asks for work, so `status`
     // shows re-queued jobs promptly.
     let tick = (config.lease_ttl / 4).max(Duration::from_millis(50));
-    let ticker_store = store.clone();
+    let ticker_service = service.clone();
     let ticker = tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick);
         loop {
             interval.tick().await;
-            let s = ticker_store.clone();
-            match tokio::task::spawn_blocking(move || s.expire_leases(store::now_ms())).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::warn!(n_expired = n, "leases expired, jobs re-queued"),
-                Ok(Err(e)) => tracing::error!(error = %e, "lease expiry failed"),
-                Err(e) => tracing::error!(error = %e, "lease expiry task failed"),
+            // Each expiry is logged and published by the service.
+            if let Err(e) = ticker_service.expire_leases().await {
+                tracing::error!(error = %e.message(), "lease expiry failed");
             }
         }
     });

@@ -170,6 +170,33 @@ impl CoordinatorService {
         let _ = self.events.send(event);
     }
 
+    fn publish_expired(&self, expired: Vec<store::Expired>) {
+        for e in expired {
+            tracing::warn!(
+                job_id = e.job_id,
+                attempt = e.attempt,
+                state = e.state,
+                error = %e.reason,
+                "lease expired"
+            );
+            self.publish(Event::Finished {
+                job_id: e.job_id,
+                attempt: e.attempt,
+                state: e.state.to_string(),
+                detail: e.reason,
+            });
+        }
+    }
+
+    /// Ends the attempts whose lease deadline passed and tells watchers;
+    /// returns how many. The server's ticker calls this.
+    pub async fn expire_leases(&self) -> Result<usize, Status> {
+        let expired = self.blocking(|s| s.expire_leases(store::now_ms())).await?;
+        let n = expired.len();
+        self.publish_expired(expired);
+        Ok(n)
+    }
+
     /// Runs a blocking store call off the async executor.
     async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
     where
@@ -217,9 +244,16 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let ttl = self.ttl_ms();
         let worker_id = req.worker_id.clone();
         let sweep = (!req.sweep.is_empty()).then_some(req.sweep);
-        let outcome = self
-            .blocking(move |s| s.lease(&worker_id, sweep.as_deref(), store::now_ms(), ttl))
+        let (expired, outcome) = self
+            .blocking(move |s| {
+                let now = store::now_ms();
+                let mut expired = s.expire_leases(now)?;
+                let outcome = s.lease(&worker_id, sweep.as_deref(), now, ttl);
+                expired.extend(s.take_expired());
+                Ok((expired, outcome?))
+            })
             .await?;
+        self.publish_expired(expired);
 
         let response = match outcome {
             LeaseOutcome::Leased(l) => {
@@ -259,18 +293,33 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                         seed: rotsweep_shared::rng::mix_seed(&[spec_seed, u64::from(l.rotation)]),
                     }),
                     retry_after_ms: 0,
+                    reason: String::new(),
                 }
             }
             LeaseOutcome::Wait => pb::LeaseJobResponse {
                 outcome: pb::lease_job_response::Outcome::Wait as i32,
                 job: None,
                 retry_after_ms: (ttl / 10).clamp(100, 2000) as u32,
+                reason: String::new(),
             },
             LeaseOutcome::Drained => pb::LeaseJobResponse {
                 outcome: pb::lease_job_response::Outcome::Drained as i32,
                 job: None,
                 retry_after_ms: 0,
+                reason: String::new(),
             },
+            LeaseOutcome::Quarantined { until_ms, reason } => {
+                tracing::warn!(error = %reason, "quarantined worker asked for a job");
+                // Poll like a waiting worker: the queue may drain (then the
+                // worker is told so and can exit) before the cool-down ends.
+                let left = (until_ms - store::now_ms()).max(0);
+                pb::LeaseJobResponse {
+                    outcome: pb::lease_job_response::Outcome::Quarantined as i32,
+                    job: None,
+                    retry_after_ms: (ttl / 10).clamp(100, 2000).min(left.max(100)) as u32,
+                    reason,
+                }
+            }
         };
         Ok(Response::new(response))
     }
@@ -407,11 +456,26 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::SweepStatusResponse>, Status> {
         let sweep = request.into_inner().sweep;
         let name = sweep.clone();
-        let jobs = self
-            .blocking(move |s| s.jobs(&name, store::now_ms()))
+        let (jobs, workers) = self
+            .blocking(move |s| {
+                let now = store::now_ms();
+                Ok((s.jobs(&name, now)?, s.workers(&name, now)?))
+            })
             .await?;
         Ok(Response::new(pb::SweepStatusResponse {
             sweep,
+            workers: workers
+                .into_iter()
+                .map(|w| pb::WorkerStatus {
+                    worker_id: w.worker_id,
+                    n_completed: w.n_completed,
+                    n_job_failures: w.n_job_failures,
+                    n_infra_failures: w.n_infra_failures,
+                    consecutive_failures: w.consecutive_failures,
+                    quarantined: w.quarantine_seconds_left > 0.0,
+                    quarantine_seconds_left: w.quarantine_seconds_left,
+                })
+                .collect(),
             jobs: jobs
                 .into_iter()
                 .map(|j| pb::JobStatus {
@@ -427,6 +491,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     elapsed_seconds: j.elapsed_seconds,
                     last_error: j.last_error,
                     test_accuracy: j.test_accuracy.unwrap_or(f64::NAN),
+                    infra_failures: j.infra_failures,
+                    job_failures: j.job_failures,
                 })
                 .collect(),
         }))

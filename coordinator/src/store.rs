@@ -22,6 +22,20 @@
 //! are reported (see `refine_costs`). A sweep's `max_concurrent_jobs` is
 //! stored with the sweep and counted against its RUNNING jobs at each lease,
 //! so it holds across `resume` and coordinator restarts.
+//!
+//! Failures are counted apart per job: `infra_failures` (the lease expired:
+//! the worker or its network was lost) and `job_failures` (the worker
+//! reported that the job itself failed: an error, a non-finite loss, out of
+//! memory). Cancelling and voluntary releases count as neither.
+//!
+//! Quarantine: each worker has a row in `workers` with its streak of
+//! consecutive job failures. When the streak reaches
+//! [`QuarantinePolicy::after`] the worker is quarantined for
+//! [`QuarantinePolicy::cool_down_ms`]: it gets no lease (the answer says
+//! why) while others can still take the queue. After the cool-down it may
+//! lease again; one more failure quarantines it again at once, one
+//! completed job clears the streak. Lost leases do not count: a lost worker
+//! is not asking for work.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -134,6 +148,63 @@ pub enum LeaseOutcome {
     Wait,
     /// Nothing queued or running.
     Drained,
+    /// Jobs are queued but this worker is quarantined until `until_ms`.
+    Quarantined {
+        /// End of the cool-down (ms since the Unix epoch).
+        until_ms: i64,
+        /// Why, for the worker's log.
+        reason: String,
+    },
+}
+
+/// When a worker failing in a loop is stopped from taking more jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuarantinePolicy {
+    /// Consecutive job failures of one worker that quarantine it (0 turns
+    /// quarantine off).
+    pub after: u32,
+    /// How long a quarantine lasts, in milliseconds.
+    pub cool_down_ms: i64,
+}
+
+impl Default for QuarantinePolicy {
+    /// Three job failures in a row quarantine a worker for ten minutes.
+    fn default() -> Self {
+        Self {
+            after: 3,
+            cool_down_ms: 10 * 60 * 1000,
+        }
+    }
+}
+
+/// A lease that expired: the attempt ended and the job's new state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    /// Job id.
+    pub job_id: i64,
+    /// The attempt whose lease expired.
+    pub attempt: u32,
+    /// PENDING (re-queued), FAILED (out of attempts) or CANCELLED.
+    pub state: &'static str,
+    /// Why, as stored in `last_error`.
+    pub reason: String,
+}
+
+/// A worker as shown by `status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerView {
+    /// The worker's name.
+    pub worker_id: String,
+    /// Attempts it finished with a result (COMPLETED or INVALID).
+    pub n_completed: u32,
+    /// Attempts it reported as failed by the job.
+    pub n_job_failures: u32,
+    /// Attempts whose lease it lost.
+    pub n_infra_failures: u32,
+    /// Job failures since its last completed job.
+    pub consecutive_failures: u32,
+    /// Seconds of quarantine left (0 when not quarantined).
+    pub quarantine_seconds_left: f64,
 }
 
 /// The triple that identifies one attempt of a job.
@@ -227,12 +298,20 @@ pub struct JobView {
     pub last_error: String,
     /// Test accuracy when completed.
     pub test_accuracy: Option<f64>,
+    /// Attempts lost to the infrastructure (expired leases).
+    pub infra_failures: u32,
+    /// Attempts that failed by the job's own fault.
+    pub job_failures: u32,
 }
 
 /// The SQLite-backed store.
 pub struct Store {
     conn: Mutex<Connection>,
     path: PathBuf,
+    quarantine: QuarantinePolicy,
+    /// Leases expired inside [`Store::lease`], not yet handed to
+    /// [`Store::take_expired`] (the service publishes them).
+    expired: Mutex<Vec<Expired>>,
 }
 
 const SCHEMA: &str = r#"
@@ -295,6 +374,22 @@ CREATE TABLE IF NOT EXISTS results (
     best_epoch      INTEGER NOT NULL,
     n_test          INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id             TEXT PRIMARY KEY,
+    n_completed           INTEGER NOT NULL DEFAULT 0,
+    n_job_failures        INTEGER NOT NULL DEFAULT 0,
+    n_infra_failures      INTEGER NOT NULL DEFAULT 0,
+    consecutive_failures  INTEGER NOT NULL DEFAULT 0,
+    quarantined_until_ms  INTEGER,
+    last_seen_ms          INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id      INTEGER NOT NULL REFERENCES jobs(id),
+    attempt     INTEGER NOT NULL,
+    worker_id   TEXT NOT NULL,
+    started_ms  INTEGER NOT NULL,
+    PRIMARY KEY (job_id, attempt)
+) WITHOUT ROWID;
 "#;
 
 /// Rows of `epochs` not superseded by a later attempt of the same job.
@@ -353,7 +448,15 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             path,
+            quarantine: QuarantinePolicy::default(),
+            expired: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The same store with another quarantine policy.
+    pub fn with_quarantine(mut self, policy: QuarantinePolicy) -> Self {
+        self.quarantine = policy;
+        self
     }
 
     /// Path of the database file.
@@ -439,14 +542,27 @@ impl Store {
         })
     }
 
-    /// Re-queues (or fails) every RUNNING job whose lease deadline passed.
-    /// Returns the number of expired leases.
-    pub fn expire_leases(&self, now: i64) -> StoreResult<usize> {
+    /// Re-queues (or fails, or cancels) every RUNNING job whose lease
+    /// deadline passed, and returns them.
+    pub fn expire_leases(&self, now: i64) -> StoreResult<Vec<Expired>> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let n = expire_in(&tx, now)?;
+        let expired = expire_in(&tx, now)?;
         tx.commit()?;
-        Ok(n)
+        Ok(expired)
+    }
+
+    /// Pushes the lease deadline of every RUNNING job to at least
+    /// `now + ttl_ms`, so a coordinator that was down longer than a lease
+    /// does not, on restart, expire the leases of
+    /// workers that kept running while it was down (and are retrying their
+    /// heartbeats). Returns the number of leases extended.
+    pub fn extend_running_leases(&self, now: i64, ttl_ms: i64) -> StoreResult<usize> {
+        let conn = self.lock();
+        Ok(conn.execute(
+            "UPDATE jobs SET lease_deadline_ms = MAX(lease_deadline_ms, ?1) WHERE state = ?2",
+            params![now + ttl_ms, state::RUNNING],
+        )?)
     }
 
     /// Leases the queued job with the largest expected cost (see
@@ -461,7 +577,13 @@ impl Store {
     ) -> StoreResult<LeaseOutcome> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        expire_in(&tx, now)?;
+        let expired = expire_in(&tx, now)?;
+        if !expired.is_empty() {
+            self.expired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(expired);
+        }
 
         let sweep_id: Option<i64> = match sweep {
             Some(name) => Some(
@@ -496,6 +618,28 @@ impl Store {
             )
             .optional()?;
 
+        tx.execute(
+            "INSERT INTO workers (worker_id, last_seen_ms) VALUES (?1, ?2) \
+             ON CONFLICT (worker_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+            params![worker_id, now],
+        )?;
+        let (quarantined_until, streak): (Option<i64>, u32) = tx.query_row(
+            "SELECT quarantined_until_ms, consecutive_failures FROM workers WHERE worker_id = ?1",
+            [worker_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if let (Some(until_ms), Some(_)) = (quarantined_until.filter(|&u| u > now), &candidate) {
+            tx.commit()?;
+            return Ok(LeaseOutcome::Quarantined {
+                until_ms,
+                reason: format!(
+                    "worker `{worker_id}` failed {streak} jobs in a row; \
+                     quarantined for {:.0} s more",
+                    (until_ms - now) as f64 / 1000.0
+                ),
+            });
+        }
+
         let outcome = match candidate {
             Some((job_id, attempt, sweep, model, rotation, spec_json)) => {
                 let attempt = attempt + 1;
@@ -512,6 +656,11 @@ impl Store {
                         now,
                         job_id
                     ],
+                )?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO attempts (job_id, attempt, worker_id, started_ms) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![job_id, attempt, worker_id, now],
                 )?;
                 LeaseOutcome::Leased(Lease {
                     job_id,
@@ -538,6 +687,11 @@ impl Store {
         };
         tx.commit()?;
         Ok(outcome)
+    }
+
+    /// Leases that [`Store::lease`] expired on its way, since the last call.
+    pub fn take_expired(&self) -> Vec<Expired> {
+        std::mem::take(&mut *self.expired.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Extends a lease. Returns true when the job's sweep was cancelled.
@@ -617,7 +771,9 @@ impl Store {
 
     /// Stores a job's test result and ends its lease: COMPLETED, or INVALID
     /// when the accuracy is not finite. Completing a job of a cancelled
-    /// sweep stores nothing and marks it CANCELLED.
+    /// sweep stores nothing and marks it CANCELLED. A completion re-sent by
+    /// the attempt that already completed the job (its answer was lost) is
+    /// a no-op.
     pub fn complete(&self, at: &AttemptRef, c: &Completion, now: i64) -> StoreResult<()> {
         let n = c.labels.len();
         if c.confusion.len() != n || c.confusion.iter().any(|row| row.len() != n) {
@@ -627,11 +783,25 @@ impl Store {
         }
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Completion keeps the attempt's token, so a retry can be told from
+        // a stale attempt.
+        let done_by_this_attempt: bool = tx
+            .query_row(
+                "SELECT state IN ('COMPLETED', 'INVALID', 'CANCELLED') AND attempt = ?2 \
+                 AND lease_token = ?3 FROM jobs WHERE id = ?1",
+                params![at.job_id, at.attempt, at.token],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false);
+        if done_by_this_attempt {
+            return Ok(());
+        }
         let cancelled = check_fence(&tx, at)?;
         let run_ms = run_ms_of(&tx, at.job_id, now)?;
         if cancelled {
             tx.execute(
-                "UPDATE jobs SET state = ?1, lease_token = NULL, run_ms = ?2 WHERE id = ?3",
+                "UPDATE jobs SET state = ?1, lease_deadline_ms = NULL, run_ms = ?2 WHERE id = ?3",
                 params![state::CANCELLED, run_ms, at.job_id],
             )?;
             tx.commit()?;
@@ -661,9 +831,14 @@ impl Store {
             state::INVALID
         };
         tx.execute(
-            "UPDATE jobs SET state = ?1, lease_token = NULL, lease_deadline_ms = NULL, \
-             run_ms = ?2 WHERE id = ?3",
+            "UPDATE jobs SET state = ?1, lease_deadline_ms = NULL, run_ms = ?2 WHERE id = ?3",
             params![new_state, run_ms, at.job_id],
+        )?;
+        tx.execute(
+            "UPDATE workers SET n_completed = n_completed + 1, consecutive_failures = 0, \
+             quarantined_until_ms = NULL \
+             WHERE worker_id = (SELECT worker_id FROM jobs WHERE id = ?1)",
+            [at.job_id],
         )?;
         tx.commit()?;
         Ok(())
@@ -672,7 +847,9 @@ impl Store {
     /// Records a failed attempt. The job goes back to the queue while
     /// attempts remain; returns the job's new state. A `release`
     /// (graceful worker shutdown) always re-queues and does not count
-    /// against the attempt limit.
+    /// against the attempt limit. In a cancelled sweep the job becomes
+    /// CANCELLED and nothing is counted as a failure. A job fault extends
+    /// the worker's failure streak and may quarantine it.
     pub fn fail(
         &self,
         at: &AttemptRef,
@@ -700,9 +877,16 @@ impl Store {
             tx.commit()?;
             return Ok(state::PENDING);
         }
-        let new_state = if cancelled {
-            state::CANCELLED
-        } else if at.attempt.saturating_sub(released) >= max_attempts {
+        if cancelled {
+            tx.execute(
+                "UPDATE jobs SET state = ?1, lease_token = NULL, lease_deadline_ms = NULL, \
+                 last_error = ?2, run_ms = ?3 WHERE id = ?4",
+                params![state::CANCELLED, reason, run_ms, at.job_id],
+            )?;
+            tx.commit()?;
+            return Ok(state::CANCELLED);
+        }
+        let new_state = if at.attempt.saturating_sub(released) >= max_attempts {
             state::FAILED
         } else {
             state::PENDING
@@ -719,6 +903,24 @@ impl Store {
             ),
             params![new_state, reason, run_ms, at.job_id],
         )?;
+        if job_fault {
+            let policy = self.quarantine;
+            let until = (policy.after > 0).then_some(now + policy.cool_down_ms);
+            tx.execute(
+                "UPDATE workers SET n_job_failures = n_job_failures + 1, \
+                 consecutive_failures = consecutive_failures + 1, \
+                 quarantined_until_ms = CASE WHEN ?2 IS NOT NULL \
+                     AND consecutive_failures + 1 >= ?3 THEN ?2 ELSE quarantined_until_ms END \
+                 WHERE worker_id = (SELECT worker_id FROM jobs WHERE id = ?1)",
+                params![at.job_id, until, policy.after],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE workers SET n_infra_failures = n_infra_failures + 1 \
+                 WHERE worker_id = (SELECT worker_id FROM jobs WHERE id = ?1)",
+                [at.job_id],
+            )?;
+        }
         tx.commit()?;
         Ok(new_state)
     }
@@ -799,7 +1001,7 @@ impl Store {
         let mut stmt = conn.prepare(
             "SELECT j.id, j.model, j.kind, j.rotation, j.state, j.attempt, j.worker_id, \
              j.last_epoch, j.best_metric, j.attempt_started_ms, j.run_ms, j.last_error, \
-             r.test_accuracy \
+             r.test_accuracy, j.infra_failures, j.job_failures \
              FROM jobs j LEFT JOIN results r ON r.job_id = j.id \
              WHERE j.sweep_id = ?1 ORDER BY j.id",
         )?;
@@ -825,6 +1027,34 @@ impl Store {
                 elapsed_seconds: elapsed_ms as f64 / 1000.0,
                 last_error: r.get(11)?,
                 test_accuracy: r.get(12)?,
+                infra_failures: r.get(13)?,
+                job_failures: r.get(14)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The workers that held a lease on a job of `sweep`, by name, with
+    /// their failure counts and quarantine state (over all sweeps).
+    pub fn workers(&self, sweep: &str, now: i64) -> StoreResult<Vec<WorkerView>> {
+        let conn = self.lock();
+        let sweep_id = sweep_id_in(&conn, sweep)?;
+        let mut stmt = conn.prepare(
+            "SELECT w.worker_id, w.n_completed, w.n_job_failures, w.n_infra_failures, \
+             w.consecutive_failures, w.quarantined_until_ms FROM workers w \
+             WHERE w.worker_id IN (SELECT a.worker_id FROM attempts a \
+                 JOIN jobs j ON j.id = a.job_id WHERE j.sweep_id = ?1) \
+             ORDER BY w.worker_id",
+        )?;
+        let rows = stmt.query_map([sweep_id], |r| {
+            let until: Option<i64> = r.get(5)?;
+            Ok(WorkerView {
+                worker_id: r.get(0)?,
+                n_completed: r.get(1)?,
+                n_job_failures: r.get(2)?,
+                n_infra_failures: r.get(3)?,
+                consecutive_failures: r.get(4)?,
+                quarantine_seconds_left: until.map_or(0.0, |u| (u - now).max(0) as f64 / 1000.0),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1053,38 +1283,68 @@ fn run_ms_of(conn: &Connection, job_id: i64, now: i64) -> StoreResult<i64> {
     Ok(run_ms + started.map_or(0, |s| (now - s).max(0)))
 }
 
-fn expire_in(conn: &Connection, now: i64) -> StoreResult<usize> {
-    let expired: Vec<(i64, u32, u32)> = {
+/// Ends every RUNNING attempt whose lease deadline passed: the job is
+/// re-queued, FAILED when out of attempts, or CANCELLED when its sweep was
+/// cancelled (a cancelled sweep must still finish when its worker is lost).
+fn expire_in(conn: &Connection, now: i64) -> StoreResult<Vec<Expired>> {
+    let rows: Vec<(i64, u32, u32, u32, bool, String)> = {
         let mut stmt = conn.prepare(
-            "SELECT j.id, j.attempt - j.released, s.max_attempts \
-             FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
+            "SELECT j.id, j.attempt, j.attempt - j.released, s.max_attempts, s.cancelled, \
+             j.worker_id FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
              WHERE j.state = ?1 AND j.lease_deadline_ms < ?2",
         )?;
         let rows = stmt.query_map(params![state::RUNNING, now], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get::<_, i64>(4)? != 0,
+                r.get(5)?,
+            ))
         })?;
         rows.collect::<Result<_, _>>()?
     };
-    for &(job_id, attempt, max_attempts) in &expired {
+    let mut expired = Vec::with_capacity(rows.len());
+    for (job_id, attempt, counted, max_attempts, cancelled, worker_id) in rows {
         let run_ms = run_ms_of(conn, job_id, now)?;
-        let (new_state, reason) = if attempt >= max_attempts {
+        let (new_state, reason) = if cancelled {
+            (
+                state::CANCELLED,
+                format!("lease of worker `{worker_id}` expired after the sweep was cancelled"),
+            )
+        } else if counted >= max_attempts {
             (
                 state::FAILED,
-                format!("lease expired on attempt {attempt} of {max_attempts} (worker lost)"),
+                format!(
+                    "lease of worker `{worker_id}` expired on attempt {counted} of \
+                     {max_attempts} (worker lost)"
+                ),
             )
         } else {
             (
                 state::PENDING,
-                format!("lease expired on attempt {attempt} (worker lost)"),
+                format!("lease of worker `{worker_id}` expired on attempt {attempt} (worker lost)"),
             )
         };
+        let counted_failure = i64::from(!cancelled);
         conn.execute(
             "UPDATE jobs SET state = ?1, lease_token = NULL, lease_deadline_ms = NULL, \
-             last_error = ?2, infra_failures = infra_failures + 1, run_ms = ?3 WHERE id = ?4",
-            params![new_state, reason, run_ms, job_id],
+             last_error = ?2, infra_failures = infra_failures + ?3, run_ms = ?4 WHERE id = ?5",
+            params![new_state, reason, counted_failure, run_ms, job_id],
         )?;
+        conn.execute(
+            "UPDATE workers SET n_infra_failures = n_infra_failures + ?1 WHERE worker_id = ?2",
+            params![counted_failure, worker_id],
+        )?;
+        expired.push(Expired {
+            job_id,
+            attempt,
+            state: new_state,
+            reason,
+        });
     }
-    Ok(expired.len())
+    Ok(expired)
 }
 
 #[cfg(test)]
@@ -1118,6 +1378,18 @@ mod tests {
             job_id: l.job_id,
             attempt: l.attempt,
             token: l.token.clone(),
+        }
+    }
+
+    fn completion(accuracy: f64) -> Completion {
+        Completion {
+            test_accuracy: accuracy,
+            test_loss: 1.0,
+            labels: vec!["A".into()],
+            confusion: vec![vec![1]],
+            epochs_trained: 1,
+            best_epoch: 1,
+            n_test: 1,
         }
     }
 
@@ -1287,6 +1559,145 @@ mod tests {
         let again = leased(store.lease("w", None, 2, 1000).unwrap());
         assert!(again.attempt >= 1);
         assert!(store.resume("s", &[state::RUNNING]).is_err());
+    }
+
+    #[test]
+    fn a_worker_failing_in_a_loop_is_quarantined_until_its_cool_down_ends() {
+        let store = temp_store("quarantine").with_quarantine(QuarantinePolicy {
+            after: 2,
+            cool_down_ms: 1000,
+        });
+        store.submit(&spec("s", 1), false).unwrap();
+        let a = leased(store.lease("bad", None, 0, 100).unwrap());
+        store.fail(&at(&a), "nan", true, false, 1).unwrap();
+        // An infrastructure failure neither counts nor breaks the streak.
+        let b = leased(store.lease("bad", None, 2, 100).unwrap());
+        store.fail(&at(&b), "lost", false, false, 3).unwrap();
+        let c = leased(store.lease("bad", None, 4, 100).unwrap());
+        store.fail(&at(&c), "nan", true, false, 5).unwrap();
+
+        match store.lease("bad", None, 6, 100).unwrap() {
+            LeaseOutcome::Quarantined { until_ms, reason } => {
+                assert_eq!(until_ms, 1005);
+                assert!(reason.contains("2 jobs in a row"), "{reason}");
+            }
+            other => panic!("expected a quarantine, got {other:?}"),
+        }
+        // Others still get the queue.
+        let d = leased(store.lease("good", None, 7, 100).unwrap());
+        store.complete(&at(&d), &completion(0.5), 8).unwrap();
+        let view = |id: &str| {
+            store
+                .workers("s", 9)
+                .unwrap()
+                .into_iter()
+                .find(|w| w.worker_id == id)
+                .unwrap()
+        };
+        let bad = view("bad");
+        assert_eq!(
+            (
+                bad.n_job_failures,
+                bad.n_infra_failures,
+                bad.consecutive_failures
+            ),
+            (2, 1, 2)
+        );
+        assert!((bad.quarantine_seconds_left - 0.996).abs() < 1e-9);
+        assert_eq!(view("good").quarantine_seconds_left, 0.0);
+
+        // After the cool-down one more failure quarantines it again at once;
+        // a completed job clears the streak.
+        let e = leased(store.lease("bad", None, 1006, 100).unwrap());
+        store.fail(&at(&e), "nan", true, false, 1007).unwrap();
+        assert!(matches!(
+            store.lease("bad", None, 1008, 100).unwrap(),
+            LeaseOutcome::Quarantined { .. }
+        ));
+        let f = leased(store.lease("bad", None, 3000, 100).unwrap());
+        store.complete(&at(&f), &completion(0.5), 3001).unwrap();
+        assert_eq!(view("bad").consecutive_failures, 0);
+    }
+
+    #[test]
+    fn a_quarantined_worker_is_still_told_when_the_queue_is_drained() {
+        let store = temp_store("quarantine-drained").with_quarantine(QuarantinePolicy {
+            after: 1,
+            cool_down_ms: 1000,
+        });
+        store.submit(&spec("s", 1), false).unwrap();
+        let mut leases = Vec::new();
+        for _ in 0..4 {
+            leases.push(leased(store.lease("w", None, 0, 100).unwrap()));
+        }
+        store.fail(&at(&leases[0]), "nan", true, false, 1).unwrap();
+        for l in &leases[1..] {
+            store.complete(&at(l), &completion(0.5), 1).unwrap();
+        }
+        let other = leased(store.lease("v", None, 2, 100).unwrap());
+        store.complete(&at(&other), &completion(0.5), 3).unwrap();
+        assert_eq!(
+            store.lease("w", None, 4, 100).unwrap(),
+            LeaseOutcome::Drained
+        );
+    }
+
+    #[test]
+    fn expired_leases_are_reported_and_a_cancelled_sweep_still_finishes() {
+        let store = temp_store("expire");
+        store.submit(&spec("s", 1), false).unwrap();
+        let a = leased(store.lease("w", None, 0, 100).unwrap());
+        let b = leased(store.lease("w", None, 0, 100).unwrap());
+        store.heartbeat(&at(&b), 500, 100).unwrap();
+        let expired = store.expire_leases(200).unwrap();
+        assert_eq!(expired.len(), 1);
+        assert_eq!(
+            (expired[0].job_id, expired[0].attempt, expired[0].state),
+            (a.job_id, 1, state::PENDING)
+        );
+
+        // The worker of b is lost after a cancel: b ends CANCELLED, and a
+        // cancel is no failure of anyone.
+        store.cancel("s").unwrap();
+        let expired = store.expire_leases(1000).unwrap();
+        assert_eq!(
+            expired
+                .iter()
+                .map(|e| (e.job_id, e.state))
+                .collect::<Vec<_>>(),
+            vec![(b.job_id, state::CANCELLED)]
+        );
+        assert!(store.is_finished("s").unwrap());
+        let jobs = store.jobs("s", 1000).unwrap();
+        let job = |id| jobs.iter().find(|j| j.job_id == id).unwrap();
+        assert_eq!(
+            (job(a.job_id).infra_failures, job(b.job_id).infra_failures),
+            (1, 0)
+        );
+    }
+
+    #[test]
+    fn a_restart_keeps_running_leases_and_a_resent_completion_is_a_no_op() {
+        let store = temp_store("restart");
+        store.submit(&spec("s", 1), false).unwrap();
+        let a = leased(store.lease("w", None, 0, 100).unwrap());
+        // Down for far longer than a lease, then one lease time of grace.
+        assert_eq!(store.extend_running_leases(10_000, 100).unwrap(), 1);
+        assert!(store.expire_leases(10_050).unwrap().is_empty());
+        store.complete(&at(&a), &completion(0.75), 10_060).unwrap();
+        store.complete(&at(&a), &completion(0.75), 10_070).unwrap();
+        let mut stale = at(&a);
+        stale.token = "not-the-token".into();
+        let err = store
+            .complete(&stale, &completion(0.1), 10_080)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Stale { .. }), "{err}");
+        let jobs = store.jobs("s", 10_090).unwrap();
+        let job = jobs.iter().find(|j| j.job_id == a.job_id).unwrap();
+        assert_eq!(
+            (job.state.as_str(), job.test_accuracy),
+            ("COMPLETED", Some(0.75))
+        );
     }
 
     #[test]

@@ -19,6 +19,10 @@ use crate::{coordinator_client::CoordinatorClient, Client, MAX_MESSAGE_BYTES};
 /// trust instead of the platform's roots.
 pub const CA_ENV: &str = "ROTSWEEP_TLS_CA";
 
+/// Interval of HTTP/2 keep-alive pings from clients, and how long a ping
+/// may go unanswered before the connection is dropped.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
 /// Why a coordinator address cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -127,9 +131,16 @@ impl Remote {
                 url: url.to_string(),
                 source,
             })?;
+        // HTTP/2 pings find a connection that went silent (a partition that
+        // lost the TCP state): without them its calls would wait forever.
+        // A dead connection is dropped within 20 s and the next call dials
+        // again.
         let endpoint = endpoint
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEP_ALIVE)
+            .keep_alive_timeout(KEEP_ALIVE)
+            .keep_alive_while_idle(true);
         let endpoint = match (endpoint.uri().scheme_str(), ca_pem) {
             (Some("https"), ca) => {
                 let tls = match ca {

@@ -149,8 +149,20 @@ impl Server {
         lease_ttl_s: f64,
         extra: Extra<'_>,
     ) -> anyhow::Result<Self> {
+        Self::start_on(state, token, lease_ttl_s, "127.0.0.1:0", extra)
+    }
+
+    /// [`Server::start_with`] on a given address, e.g. the port of a
+    /// coordinator that was killed, to restart it where workers look for it.
+    pub fn start_on(
+        state: &Path,
+        token: Option<&str>,
+        lease_ttl_s: f64,
+        listen: &str,
+        extra: Extra<'_>,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("rotsweep"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--lease-ttl"])
+        cmd.args(["serve", "--listen", listen, "--lease-ttl"])
             .arg(lease_ttl_s.to_string())
             .arg("--state")
             .arg(state)
@@ -199,6 +211,12 @@ pub struct Extra<'a> {
     /// Variables set in the child's environment (after the helpers remove
     /// `ROTSWEEP_TOKEN` and `ROTSWEEP_TLS_CA`).
     pub envs: &'a [(&'a str, &'a str)],
+}
+
+/// A loopback port that was free a moment ago (bound, read, released).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
+    Ok(listener.local_addr()?.port())
 }
 
 /// A log file under `dir` for a child's stderr.

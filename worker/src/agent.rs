@@ -14,9 +14,15 @@
 //!
 //! Transient RPC failures (coordinator restarting, network cut) are retried
 //! with capped exponential backoff; re-sent reports are harmless because the
-//! coordinator stores each (job, attempt, epoch) once.
+//! coordinator stores each (job, attempt, epoch) once. Heartbeats go on
+//! until the attempt's final message is acknowledged, so a worker that
+//! waits out a coordinator restart keeps its lease.
+//!
+//! Checkpoints: attempt K of job N trains in `JOB_DIR/attempt-K` (JOB_DIR is
+//! the folder the lease names, or `--checkpoint-root/job-N`), seeded with
+//! the newest checkpoint an earlier attempt left (see `attempt_folder`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +70,10 @@ struct StopFlags {
     cancelled: AtomicBool,
     /// Another attempt owns the job.
     stale: AtomicBool,
+    /// Training is over and the final message (complete or fail) is on its
+    /// way; a heartbeat refused from now on only raced with it. Not a stop
+    /// reason.
+    finishing: AtomicBool,
 }
 
 impl StopFlags {
@@ -120,13 +130,21 @@ fn is_transient(status: &tonic::Status) -> bool {
     )
 }
 
-/// Sleeps for `d` unless `stop` fires first; returns true when stopped.
+/// Sleeps for `d` unless `stop` fires first; returns true when stopped. A
+/// `stop` whose sender is gone can never fire: the whole `d` is slept.
 async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
-    let stopped = tokio::select! {
-        _ = tokio::time::sleep(d) => false,
-        _ = stop.wait_for(|s| *s) => true,
+    let sleep = tokio::time::sleep(d);
+    tokio::pin!(sleep);
+    let fired = tokio::select! {
+        _ = &mut sleep => None,
+        fired = stop.wait_for(|s| *s) => Some(fired.is_ok()),
     };
-    stopped || *stop.borrow()
+    match fired {
+        Some(true) => return true,
+        Some(false) => sleep.await,
+        None => {}
+    }
+    *stop.borrow()
 }
 
 /// Connects, retrying with backoff until connected or stopped.
@@ -175,7 +193,8 @@ where
     F: FnMut(pb::Client) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let mut never = watch::channel(false).1;
+    // Without a stop signal, retry until the call succeeds or fails for good.
+    let (_never_tx, mut never) = watch::channel(false);
     let stop = stop.unwrap_or(&mut never);
     let mut tries = 0;
     loop {
@@ -208,6 +227,7 @@ pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::R
     tracing::info!(worker_id = %cfg.worker_id, url = %cfg.coordinator, "worker connected");
 
     let mut n_jobs = 0;
+    let mut quarantined = false;
     while !*stop.borrow() {
         if cfg.max_jobs.is_some_and(|m| n_jobs >= m) {
             break;
@@ -230,7 +250,21 @@ pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::R
             Outcome::Leased => {
                 let job = lease.job.context("LEASED answer without a job")?;
                 n_jobs += 1;
+                quarantined = false;
                 run_job(&cfg, &client, job, device.clone(), &stop).await?;
+            }
+            Outcome::Quarantined => {
+                if !quarantined {
+                    tracing::warn!(
+                        reason = %lease.reason,
+                        "quarantined by the coordinator: no jobs until the cool-down ends"
+                    );
+                    quarantined = true;
+                }
+                let wait = Duration::from_millis(u64::from(lease.retry_after_ms.max(100)));
+                if sleep_or_stop(wait, &mut stop).await {
+                    break;
+                }
             }
             Outcome::Wait => {
                 let wait = Duration::from_millis(u64::from(lease.retry_after_ms.max(100)));
@@ -281,6 +315,7 @@ async fn run_job(
         }
     };
 
+    let checkpoint_dir = train_cfg.checkpoint_dir.clone();
     let flags = Arc::new(StopFlags::default());
     let (report_tx, mut report_rx) = mpsc::unbounded_channel::<EpochReport>();
     let data_spec = spec.data.clone();
@@ -302,7 +337,8 @@ async fn run_job(
         train::train_job(&train_cfg, &data, &mut hooks)
     });
 
-    // Heartbeats run beside training until the trainer returns.
+    // Heartbeats run beside training and keep the lease until the final
+    // message is acknowledged, however long the coordinator is away.
     let ttl = Duration::from_millis(u64::from(job.lease_ttl_ms.max(300)));
     let (hb_stop_tx, hb_stop_rx) = watch::channel(false);
     let heartbeat = tokio::spawn(heartbeat_loop(
@@ -332,36 +368,68 @@ async fn run_job(
     while let Ok(report) = report_rx.try_recv() {
         send_report(client, &job_ref, &report, &flags).await;
     }
-    let _ = hb_stop_tx.send(true);
-    let _ = heartbeat.await;
 
-    let result = result.context("training thread panicked")?;
+    let result = result.context("training thread panicked");
     if flags.stale.load(Ordering::SeqCst) {
+        let _ = hb_stop_tx.send(true);
+        let _ = heartbeat.await;
         tracing::warn!("lease lost to another attempt; abandoning the job");
         return Ok(());
     }
+    flags.finishing.store(true, Ordering::SeqCst);
+    finish_job(
+        cfg,
+        client,
+        &job,
+        &job_ref,
+        &flags,
+        checkpoint_dir.as_deref(),
+        result?,
+    )
+    .await;
+    let _ = hb_stop_tx.send(true);
+    let _ = heartbeat.await;
+    Ok(())
+}
+
+/// Sends the final message of an attempt: its result, or why it stopped.
+async fn finish_job(
+    cfg: &AgentConfig,
+    client: &pb::Client,
+    job: &pb::JobLease,
+    job_ref: &pb::JobRef,
+    flags: &StopFlags,
+    checkpoint_dir: Option<&Path>,
+    result: crate::Result<TrainOutcome>,
+) {
     match result {
-        Ok(outcome) => complete(client, &job_ref, &outcome).await,
+        Ok(outcome) => {
+            let accepted = complete(client, job_ref, &outcome).await;
+            if let Some(job_dir) = checkpoint_dir.and_then(Path::parent) {
+                if accepted {
+                    remove_earlier_attempts(job_dir, job.attempt);
+                }
+            }
+        }
         Err(crate::Error::Interrupted { epoch, steps_done }) => {
             if flags.cancelled.load(Ordering::SeqCst) {
                 tracing::info!(epoch, "job cancelled");
-                fail(client, &job_ref, "cancelled", false, false).await;
+                fail(client, job_ref, "cancelled", false, false).await;
             } else {
                 tracing::info!(epoch, steps_done, "job released after checkpoint");
                 let reason = format!(
                     "worker {} stopped in epoch {epoch}; released",
                     cfg.worker_id
                 );
-                fail(client, &job_ref, &reason, false, true).await;
+                fail(client, job_ref, &reason, false, true).await;
             }
         }
         Err(e) => {
             let reason = format!("{e}");
             tracing::error!(error = %reason, "job failed");
-            fail(client, &job_ref, &reason, true, false).await;
+            fail(client, job_ref, &reason, true, false).await;
         }
     }
-    Ok(())
 }
 
 /// Builds the training configuration of a lease.
@@ -376,15 +444,15 @@ fn prepare(
         .get(&job.model)
         .with_context(|| format!("the spec has no model `{}`", job.model))?
         .clone();
-    let checkpoint_dir = match (&cfg.checkpoint_root, job.checkpoint_dir.is_empty()) {
+    let job_dir = match (&cfg.checkpoint_root, job.checkpoint_dir.is_empty()) {
         (Some(root), _) => Some(root.join(format!("job-{}", job.job_id))),
         (None, false) => Some(PathBuf::from(&job.checkpoint_dir)),
         (None, true) => None,
     };
-    if let Some(dir) = &checkpoint_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating checkpoint folder {}", dir.display()))?;
-    }
+    let checkpoint_dir = match &job_dir {
+        Some(dir) => Some(attempt_folder(dir, job.attempt)?),
+        None => None,
+    };
     Ok((
         TrainConfig {
             model,
@@ -395,6 +463,63 @@ fn prepare(
         },
         spec,
     ))
+}
+
+/// The checkpoint folder of one attempt, `JOB_DIR/attempt-K`, seeded with
+/// the newest checkpoint an earlier attempt left.
+///
+/// Each attempt writes only its own folder: an attempt that lost its lease
+/// but still runs (paused, cut off) may keep writing checkpoints, and must
+/// not interleave its files with the attempt that replaced it. Any earlier
+/// attempt's checkpoint is a valid state of the same deterministic job, so
+/// the newest readable one is copied in and training resumes from it.
+fn attempt_folder(job_dir: &Path, attempt: u32) -> anyhow::Result<PathBuf> {
+    let dir = job_dir.join(format!("attempt-{attempt}"));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating checkpoint folder {}", dir.display()))?;
+    if train::has_checkpoint(&dir) {
+        return Ok(dir);
+    }
+    for earlier in (1..attempt).rev() {
+        let src = job_dir.join(format!("attempt-{earlier}"));
+        match train::copy_checkpoint(&src, &dir) {
+            Ok(true) => {
+                tracing::info!(
+                    from_attempt = earlier,
+                    "resuming from an earlier attempt's checkpoint"
+                );
+                break;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(
+                    from_attempt = earlier,
+                    error = %e,
+                    "cannot copy an earlier attempt's checkpoint; trying an older one"
+                )
+            }
+        }
+    }
+    Ok(dir)
+}
+
+/// Removes the checkpoint folders of attempts before `attempt` once the job
+/// completed; failures only leave garbage behind.
+fn remove_earlier_attempts(job_dir: &Path, attempt: u32) {
+    for earlier in 1..attempt {
+        let dir = job_dir.join(format!("attempt-{earlier}"));
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::debug!(
+                    path = %dir.display(),
+                    error = %e,
+                    "cannot remove an old checkpoint folder"
+                )
+            }
+        }
+    }
 }
 
 /// Marks the job stale or cancelled from an RPC answer.
@@ -473,6 +598,15 @@ async fn heartbeat_loop(
             Err(status) if is_transient(&status) => {
                 tracing::warn!(code = ?status.code(), error = %status.message(), "heartbeat failed; retrying");
             }
+            Err(status) if flags.finishing.load(Ordering::SeqCst) => {
+                // The final message ended the lease first.
+                tracing::debug!(
+                    code = ?status.code(),
+                    error = %status.message(),
+                    "heartbeat after the final message refused"
+                );
+                return;
+            }
             Err(status) => {
                 note_status(&flags, "Heartbeat", &status);
                 if flags.stale.load(Ordering::SeqCst) {
@@ -483,7 +617,8 @@ async fn heartbeat_loop(
     }
 }
 
-async fn complete(client: &pb::Client, job_ref: &pb::JobRef, outcome: &TrainOutcome) {
+/// Reports the result; returns whether the coordinator accepted it.
+async fn complete(client: &pb::Client, job_ref: &pb::JobRef, outcome: &TrainOutcome) -> bool {
     let request = pb::CompleteJobRequest {
         job: Some(job_ref.clone()),
         test_accuracy: outcome.test_accuracy,
@@ -500,14 +635,23 @@ async fn complete(client: &pb::Client, job_ref: &pb::JobRef, outcome: &TrainOutc
     })
     .await
     {
-        Ok(_) => tracing::info!(
-            test_accuracy = outcome.test_accuracy,
-            epochs = outcome.epochs_trained,
-            best_epoch = outcome.best_epoch,
-            "job completed"
-        ),
+        Ok(Some(_)) => {
+            tracing::info!(
+                test_accuracy = outcome.test_accuracy,
+                epochs = outcome.epochs_trained,
+                best_epoch = outcome.best_epoch,
+                "job completed"
+            );
+            true
+        }
+        Ok(None) => false,
         Err(status) => {
-            tracing::error!(code = ?status.code(), error = %status.message(), "CompleteJob refused")
+            tracing::error!(
+                code = ?status.code(),
+                error = %status.message(),
+                "CompleteJob refused"
+            );
+            false
         }
     }
 }
@@ -532,5 +676,25 @@ async fn fail(
     .await
     {
         tracing::error!(code = ?status.code(), error = %status.message(), "FailJob refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (#3): with no stop signal, retries gave up after the first
+    /// transient error, dropping epoch reports and completions whenever the
+    /// coordinator restarted.
+    #[tokio::test]
+    async fn a_stop_signal_whose_sender_is_gone_never_fires() {
+        let mut orphan = watch::channel(false).1;
+        let started = std::time::Instant::now();
+        assert!(!sleep_or_stop(Duration::from_millis(20), &mut orphan).await);
+        assert!(started.elapsed() >= Duration::from_millis(20));
+
+        let (stop_tx, mut stop) = watch::channel(false);
+        stop_tx.send_replace(true);
+        assert!(sleep_or_stop(Duration::from_secs(600), &mut stop).await);
     }
 }

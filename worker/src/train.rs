@@ -694,6 +694,85 @@ impl<'a> Job<'a> {
     }
 }
 
+/// True when `dir` holds a committed checkpoint.
+pub fn has_checkpoint(dir: &Path) -> bool {
+    dir.join(CHECKPOINT_FILE).is_file()
+}
+
+/// Copies the committed checkpoint of `src` into `dst` (created if need
+/// be), so a new attempt can resume from it in a folder of its own. The
+/// tensor files go first and `checkpoint.json` last, each atomically, so
+/// `dst` holds the old checkpoint or the whole new one.
+///
+/// `src` may still be written by a process that lost its lease: when the
+/// generation named in `checkpoint.json` disappears under the copy (the
+/// writer committed a newer one), the copy starts over, up to three times.
+/// Returns false when `src` holds no checkpoint.
+pub fn copy_checkpoint(src: &Path, dst: &Path) -> Result<bool> {
+    /// The part of `checkpoint.json` that names its files.
+    #[derive(Deserialize)]
+    struct Head {
+        generation: u64,
+        has_best: bool,
+    }
+
+    let meta_path = src.join(CHECKPOINT_FILE);
+    let mut last_error = None;
+    for _ in 0..3 {
+        let text = match std::fs::read(&meta_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(Error::Io {
+                    path: meta_path,
+                    source,
+                })
+            }
+        };
+        let head: Head = serde_json::from_slice(&text).map_err(|e| Error::Checkpoint {
+            path: meta_path.clone(),
+            message: format!("unreadable checkpoint: {e}"),
+        })?;
+        create_dir(dst)?;
+
+        let g = head.generation;
+        let mut names = vec![
+            format!("weights-{g}.safetensors"),
+            format!("adam-{g}.safetensors"),
+        ];
+        if head.has_best {
+            names.push(format!("best-{g}.safetensors"));
+        }
+        let copied = names.iter().try_for_each(|name| {
+            write_atomic(&dst.join(name), |tmp| {
+                std::fs::copy(src.join(name), tmp)
+                    .map(drop)
+                    .map_err(|source| Error::Io {
+                        path: src.join(name),
+                        source,
+                    })
+            })
+        });
+        match copied {
+            Ok(()) => {
+                write_atomic(&dst.join(CHECKPOINT_FILE), |tmp| {
+                    std::fs::write(tmp, &text).map_err(|source| Error::Io {
+                        path: tmp.to_path_buf(),
+                        source,
+                    })
+                })?;
+                remove_old_generations(dst, g);
+                return Ok(true);
+            }
+            Err(Error::Io { path, source }) if source.kind() == std::io::ErrorKind::NotFound => {
+                last_error = Some(Error::Io { path, source });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_error.expect("the loop ran and only a missing file repeats it"))
+}
+
 /// Explains the first difference between the checkpoint's job and this one.
 fn check_identity(saved: &JobIdentity, current: &JobIdentity) -> Result<(), String> {
     if saved.n_classes != current.n_classes {
@@ -1097,6 +1176,50 @@ mod tests {
         assert_eq!(outcome.epochs_trained, 3);
         assert_eq!(outcome.reports.len(), 3);
         std::fs::remove_dir_all(&dir).ok();
+        Ok(())
+    }
+
+    #[test]
+    fn a_copied_checkpoint_resumes_like_the_original() -> Result<()> {
+        let data = tiny_data(16, 16)?;
+        let train = TrainSpec {
+            epochs: 3,
+            batch_size: 8,
+            ..TrainSpec::default()
+        };
+        let uninterrupted = train_job(&config(ModelKind::Rnn, train.clone()), &data, &mut NoHooks)?;
+
+        let (first, second) = (temp_dir("copy-a"), temp_dir("copy-b"));
+        assert!(!copy_checkpoint(&first, &second)?, "nothing to copy yet");
+        let mut cfg = config(ModelKind::Rnn, train);
+        cfg.checkpoint_dir = Some(first.clone());
+        let mut hooks = Recorder {
+            // Two steps per epoch: the fourth poll comes after one step of
+            // epoch 2.
+            stop_at_poll: Some(4),
+            ..Recorder::default()
+        };
+        let err = train_job(&cfg, &data, &mut hooks).expect_err("stopped mid-epoch 2");
+        assert!(
+            matches!(
+                err,
+                Error::Interrupted {
+                    epoch: 2,
+                    steps_done: 1
+                }
+            ),
+            "{err}"
+        );
+
+        assert!(copy_checkpoint(&first, &second)?);
+        assert!(has_checkpoint(&second));
+        cfg.checkpoint_dir = Some(second.clone());
+        let resumed = train_job(&cfg, &data, &mut NoHooks)?;
+        assert_eq!(resumed.resumed_after_epoch, Some(1));
+        assert_eq!(metrics(&resumed.reports), metrics(&uninterrupted.reports));
+        assert_eq!(resumed.confusion, uninterrupted.confusion);
+        std::fs::remove_dir_all(&first).ok();
+        std::fs::remove_dir_all(&second).ok();
         Ok(())
     }
 
