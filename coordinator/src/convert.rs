@@ -1,7 +1,11 @@
-//! Conversions between `rotsweep-shared` summaries and their wire form.
+//! Conversions between `rotsweep-shared` and store types (summaries,
+//! results, layer tables) and their wire form.
 
 use rotsweep_proto as pb;
+use rotsweep_shared::architecture::LayerInfo;
 use rotsweep_shared::summary::{ModelSummary, RotationSummary, Summary};
+
+use crate::store::{Completion, ResultRow};
 
 fn opt(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
@@ -88,5 +92,92 @@ pub fn summary_from_pb(s: pb::SweepSummaryResponse) -> anyhow::Result<Summary> {
         labels: s.labels,
         models,
         complete: s.complete,
+    })
+}
+
+/// A layer table in its wire form.
+pub fn layers_to_pb(layers: &[LayerInfo]) -> Vec<pb::LayerInfo> {
+    layers
+        .iter()
+        .map(|l| pb::LayerInfo {
+            name: l.name.clone(),
+            kind: l.kind.clone(),
+            output_shape: l.output_shape.iter().map(|&d| d as u64).collect(),
+            n_params: l.n_params as u64,
+        })
+        .collect()
+}
+
+/// A layer table received from the wire.
+pub fn layers_from_pb(layers: &[pb::LayerInfo]) -> Vec<LayerInfo> {
+    layers
+        .iter()
+        .map(|l| LayerInfo {
+            name: l.name.clone(),
+            kind: l.kind.clone(),
+            output_shape: l.output_shape.iter().map(|&d| d as usize).collect(),
+            n_params: l.n_params as usize,
+        })
+        .collect()
+}
+
+/// A stored result in its wire form (row-major confusion, NaN for none).
+pub fn result_to_pb(r: &ResultRow) -> pb::JobResult {
+    let c = &r.completion;
+    pb::JobResult {
+        job_id: r.job_id,
+        model: r.model.clone(),
+        kind: r.kind.clone(),
+        rotation: r.rotation,
+        attempt: r.attempt,
+        test_accuracy: c.test_accuracy,
+        test_loss: c.test_loss,
+        labels: c.labels.clone(),
+        confusion: c.confusion.iter().flatten().copied().collect(),
+        epochs_trained: c.epochs_trained,
+        best_epoch: c.best_epoch,
+        n_test: c.n_test,
+        layers: layers_to_pb(&c.layers),
+    }
+}
+
+/// A result received from the wire. A NaN accuracy marks an INVALID job.
+/// Fails on a confusion matrix whose size does not match the label count.
+pub fn result_from_pb(r: pb::JobResult) -> anyhow::Result<ResultRow> {
+    let n = r.labels.len();
+    if r.confusion.len() != n * n {
+        anyhow::bail!(
+            "job {}: confusion has {} cells for {n} labels",
+            r.job_id,
+            r.confusion.len()
+        );
+    }
+    let confusion = if n == 0 {
+        Vec::new()
+    } else {
+        r.confusion.chunks(n).map(<[u64]>::to_vec).collect()
+    };
+    let state = if r.test_accuracy.is_finite() {
+        crate::store::state::COMPLETED
+    } else {
+        crate::store::state::INVALID
+    };
+    Ok(ResultRow {
+        job_id: r.job_id,
+        model: r.model,
+        kind: r.kind,
+        rotation: r.rotation,
+        attempt: r.attempt,
+        state: state.to_string(),
+        completion: Completion {
+            test_accuracy: r.test_accuracy,
+            test_loss: r.test_loss,
+            labels: r.labels,
+            confusion,
+            epochs_trained: r.epochs_trained,
+            best_epoch: r.best_epoch,
+            n_test: r.n_test,
+            layers: layers_from_pb(&r.layers),
+        },
     })
 }

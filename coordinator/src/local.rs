@@ -18,6 +18,7 @@ use rotsweep_shared::summary::Summary;
 use tokio::process::{Child, Command};
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::progress::{Bars, Target};
 use crate::server::{self, ServerConfig};
 use crate::service::Event;
 use crate::store::{state, QuarantinePolicy, StoreError};
@@ -39,6 +40,10 @@ pub struct RunConfig {
     pub new_version: bool,
     /// Compute threads per worker.
     pub threads_per_worker: usize,
+    /// Draw progress bars on stderr (a terminal) instead of one log line
+    /// per event; the workers then log into `STATE/logs/` so their lines do
+    /// not tear the bars.
+    pub progress: bool,
 }
 
 /// How a local run ended.
@@ -134,7 +139,7 @@ fn spawn_worker(
         .env("MALLOC_TRIM_THRESHOLD_", "17179869184")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(worker_stderr(cfg, &id)?)
         // Own process group: Ctrl-C reaches only `run`, which then stops the
         // workers gracefully with SIGTERM.
         .process_group(0)
@@ -143,6 +148,23 @@ fn spawn_worker(
         .spawn()
         .with_context(|| format!("starting worker {}", cfg.worker_bin.display()))?;
     Ok(WorkerProcess { id, child })
+}
+
+/// Where a worker's log goes: this process's stderr, or with progress bars
+/// `STATE/logs/ID.log` (appended, so a resumed run keeps the history).
+fn worker_stderr(cfg: &RunConfig, id: &str) -> anyhow::Result<Stdio> {
+    if !cfg.progress {
+        return Ok(Stdio::inherit());
+    }
+    let dir = cfg.state_dir.join("logs");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{id}.log"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(Stdio::from(file))
 }
 
 /// Runs a sweep to completion on this machine.
@@ -200,15 +222,32 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         tracing::info!(n_workers = workers.len(), url = %server.url(), "workers started");
     }
 
-    let names = job_names(&store.jobs(&sweep, 0)?);
+    let jobs = store.jobs(&sweep, 0)?;
+    let names = job_names(&jobs);
     let total_epochs = cfg.spec.train.epochs;
+    let mut bars = cfg.progress.then(|| {
+        let n_done = jobs.iter().filter(|j| state::is_final(&j.state)).count();
+        Bars::new(
+            Target::Stderr,
+            jobs.len(),
+            n_done,
+            total_epochs,
+            names.clone(),
+        )
+    });
+    if bars.is_some() && !workers.is_empty() {
+        tracing::info!(dir = %cfg.state_dir.join("logs").display(), "worker logs");
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut interrupted = false;
 
     while !store.is_finished(&sweep)? {
         tokio::select! {
             event = events.recv() => match event {
-                Ok(e) => log_event(&e, &names, total_epochs),
+                Ok(e) => match bars.as_mut() {
+                    Some(b) => show_event(b, &e, &names),
+                    None => log_event(&e, &names, total_epochs),
+                },
                 Err(RecvError::Lagged(n)) => tracing::debug!(n_missed = n, "progress events skipped"),
                 Err(RecvError::Closed) => bail!("the embedded coordinator stopped"),
             },
@@ -240,6 +279,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         }
     }
 
+    if let Some(b) = bars.take() {
+        b.finish();
+    }
     stop_workers(workers, interrupted).await;
     if interrupted {
         server.shutdown().await?;
@@ -298,6 +340,39 @@ fn job_names(jobs: &[crate::store::JobView]) -> std::collections::HashMap<i64, S
     jobs.iter()
         .map(|j| (j.job_id, format!("{}/rot{}", j.model, j.rotation)))
         .collect()
+}
+
+fn show_event(bars: &mut Bars, e: &Event, names: &std::collections::HashMap<i64, String>) {
+    match e {
+        Event::Leased {
+            job_id,
+            attempt,
+            worker_id,
+            model,
+            rotation,
+            ..
+        } => {
+            let name = names
+                .get(job_id)
+                .cloned()
+                .unwrap_or_else(|| format!("{model}/rot{rotation}"));
+            bars.leased(*job_id, &name, *attempt, worker_id);
+        }
+        Event::Epoch {
+            job_id, metrics, ..
+        } => bars.epoch(
+            *job_id,
+            metrics.epoch,
+            metrics.val_accuracy,
+            metrics.seconds,
+        ),
+        Event::Finished {
+            job_id,
+            state,
+            detail,
+            ..
+        } => bars.finished(*job_id, state, detail),
+    }
 }
 
 fn log_event(e: &Event, names: &std::collections::HashMap<i64, String>, total_epochs: usize) {

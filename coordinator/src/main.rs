@@ -222,6 +222,61 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Write a sweep's report: a self-contained index.html (figures,
+    /// statistics, comparisons, spec) plus epochs.csv, results.csv,
+    /// summary.json and TensorBoard event files. Works on a partial sweep.
+    Report(ReportArgs),
+}
+
+/// Flags of `rotsweep report`.
+#[derive(clap::Args, Debug)]
+struct ReportArgs {
+    /// Sweep name.
+    sweep: String,
+    /// Output folder (created if needed; default reports/SWEEP).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Read this coordinator state folder directly (read-only) instead of
+    /// asking a running coordinator.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// The two models whose validation accuracy is drawn together, as A,B
+    /// (default gru,mha when both exist).
+    #[arg(long, value_delimiter = ',')]
+    compare: Vec<String>,
+    /// Which epoch stands for a job's training and validation accuracy in
+    /// the tables.
+    #[arg(long, value_enum, default_value_t = EpochArg::Best)]
+    epoch: EpochArg,
+    /// The per-rotation metric the paired tests compare.
+    #[arg(long, value_enum, default_value_t = MetricArg::TestAccuracy)]
+    metric: MetricArg,
+    #[command(flatten)]
+    remote: Remote,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+/// `--epoch` of `report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EpochArg {
+    /// The epoch whose weights were restored and tested.
+    Best,
+    /// The last epoch trained.
+    Last,
+}
+
+/// `--metric` of `report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MetricArg {
+    /// Test accuracy.
+    TestAccuracy,
+    /// Balanced accuracy on the test fold.
+    BalancedAccuracy,
+    /// Macro F1 on the test fold.
+    MacroF1,
+    /// Validation accuracy at the chosen epoch.
+    ValAccuracy,
 }
 
 fn main() -> ExitCode {
@@ -251,7 +306,9 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Plain stderr, except that live progress bars step aside for
+        // each line.
+        .with_writer(rotsweep_coordinator::progress::LogWriter)
         .with_ansi(std::env::var_os("NO_COLOR").is_none() && is_stderr_tty())
         .init();
 }
@@ -342,12 +399,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let state_dir = state.unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
             let outcome = local::run(RunConfig {
                 spec,
-                state_dir,
+                state_dir: state_dir.clone(),
                 n_workers: local_workers,
                 worker_bin: local::find_worker_bin()?,
                 lease_ttl: seconds(lease_ttl, "lease-ttl")?,
                 new_version,
                 threads_per_worker,
+                progress: rotsweep_coordinator::progress::use_bars(
+                    rotsweep_coordinator::progress::Target::Stderr,
+                ),
             })
             .await?;
 
@@ -356,6 +416,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&outcome.summary)?),
             }
             tracing::info!(path = %outcome.summary_path.display(), "summary written");
+            write_run_report(&state_dir, &outcome.summary.sweep);
             if outcome.unfinished.is_empty() {
                 Ok(ExitCode::SUCCESS)
             } else {
@@ -508,17 +569,34 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
             format,
         } => {
+            use rotsweep_coordinator::progress::{self, Target};
+
             let mut client = remote.connect().await?;
+            // Bars need the grid's size and state first; piped or JSON
+            // output gets one line per event instead.
+            let mut bars = if format == Format::Table && progress::use_bars(Target::Stdout) {
+                Some(watch_bars(&mut client, &sweep).await?)
+            } else {
+                None
+            };
             let mut stream = client
                 .watch(pb::WatchRequest { sweep })
                 .await
                 .map_err(|s| rpc_error("Watch", s))?
                 .into_inner();
             while let Some(event) = stream.message().await.map_err(|s| rpc_error("Watch", s))? {
-                print_event(&event, format);
+                match bars.as_mut() {
+                    Some(b) => show_watch_event(b, &event),
+                    None => print_event(&event, format),
+                }
+            }
+            if let Some(b) = bars {
+                b.finish();
             }
             Ok(ExitCode::SUCCESS)
         }
+
+        Command::Report(args) => run_report(args).await,
 
         Command::Sweeps { remote, format } => {
             let mut client = remote.connect().await?;
@@ -534,6 +612,168 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Writes `STATE/report/` after a local run. A failure here is logged, not
+/// fatal: the sweep itself is done and stored.
+fn write_run_report(state_dir: &Path, sweep: &str) {
+    use rotsweep_coordinator::report::{self, ReportData, ReportOptions};
+    use rotsweep_coordinator::store::Store;
+
+    let opts = ReportOptions {
+        out_dir: state_dir.join("report"),
+        pair: None,
+        epoch_choice: Default::default(),
+        metric: Default::default(),
+    };
+    let written = Store::open_read_only(state_dir)
+        .map_err(anyhow::Error::new)
+        .and_then(|store| Ok(ReportData::from_store(&store, sweep)?))
+        .and_then(|data| Ok(report::write_report(&data, &opts)?));
+    match written {
+        Ok(outcome) => tracing::info!(path = %outcome.index.display(), "report written"),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot write the report"),
+    }
+}
+
+/// Progress bars for `watch`, sized from the sweep's jobs and spec.
+async fn watch_bars(
+    client: &mut client::Client,
+    sweep: &str,
+) -> anyhow::Result<rotsweep_coordinator::progress::Bars> {
+    use rotsweep_coordinator::progress::{Bars, Target};
+    let status = client
+        .sweep_status(pb::SweepStatusRequest {
+            sweep: sweep.to_string(),
+        })
+        .await
+        .map_err(|s| rpc_error("SweepStatus", s))?
+        .into_inner();
+    let spec = client
+        .list_results(pb::ListResultsRequest {
+            sweep: sweep.to_string(),
+        })
+        .await
+        .map_err(|s| rpc_error("ListResults", s))?
+        .into_inner()
+        .spec_json;
+    let epochs = SweepSpec::from_json(&spec).map_or(1, |s| s.train.epochs);
+    let n_done = status
+        .jobs
+        .iter()
+        .filter(|j| rotsweep_coordinator::store::state::is_final(&j.state))
+        .count();
+    let names = status
+        .jobs
+        .iter()
+        .map(|j| (j.job_id, format!("{}/rot{}", j.model, j.rotation)))
+        .collect();
+    let mut bars = Bars::new(Target::Stdout, status.jobs.len(), n_done, epochs, names);
+    // Jobs already running show up with their worker and last epoch.
+    for j in status.jobs.iter().filter(|j| j.state == "RUNNING") {
+        let name = format!("{}/rot{}", j.model, j.rotation);
+        bars.leased(j.job_id, &name, j.attempt, &j.worker_id);
+        if j.epoch > 0 {
+            bars.epoch(j.job_id, j.epoch, f64::NAN, f64::NAN);
+        }
+    }
+    Ok(bars)
+}
+
+fn show_watch_event(bars: &mut rotsweep_coordinator::progress::Bars, e: &pb::WatchEvent) {
+    use pb::watch_event::Event as E;
+    match &e.event {
+        Some(E::LeasedBy(worker)) => bars.leased(
+            e.job_id,
+            &format!("{}/rot{}", e.model, e.rotation),
+            e.attempt,
+            worker,
+        ),
+        Some(E::Epoch(m)) => bars.epoch(e.job_id, m.epoch, m.val_accuracy, m.seconds),
+        Some(E::State(s)) => bars.finished(e.job_id, s, &e.detail),
+        None => {}
+    }
+}
+
+async fn run_report(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    use rotsweep_coordinator::report::{self, ReportData, ReportOptions};
+    use rotsweep_coordinator::store::Store;
+    use rotsweep_shared::stats::{EpochChoice, Metric};
+
+    let pair = match args.compare.as_slice() {
+        [] => None,
+        [a, b] => Some((a.clone(), b.clone())),
+        other => bail!(
+            "--compare takes two model names as A,B, got {} name(s)",
+            other.len()
+        ),
+    };
+    let opts = ReportOptions {
+        out_dir: args
+            .out
+            .unwrap_or_else(|| PathBuf::from("reports").join(&args.sweep)),
+        pair,
+        epoch_choice: match args.epoch {
+            EpochArg::Best => EpochChoice::Best,
+            EpochArg::Last => EpochChoice::Last,
+        },
+        metric: match args.metric {
+            MetricArg::TestAccuracy => Metric::TestAccuracy,
+            MetricArg::BalancedAccuracy => Metric::BalancedAccuracy,
+            MetricArg::MacroF1 => Metric::MacroF1,
+            MetricArg::ValAccuracy => Metric::ValAccuracy,
+        },
+    };
+    let data = match &args.state {
+        Some(dir) => {
+            let store = Store::open_read_only(dir)
+                .with_context(|| format!("opening the state folder {}", dir.display()))?;
+            ReportData::from_store(&store, &args.sweep)
+                .with_context(|| format!("reading sweep `{}`", args.sweep))?
+        }
+        None => {
+            let mut client = args.remote.connect().await?;
+            ReportData::fetch(&mut client, &args.sweep).await?
+        }
+    };
+    let outcome = report::write_report(&data, &opts)
+        .with_context(|| format!("writing the report into {}", opts.out_dir.display()))?;
+    let a = &outcome.analysis;
+    let missing: Vec<String> = a
+        .missing
+        .iter()
+        .map(|m| format!("{}/rot{} ({})", m.model, m.rotation, m.state))
+        .collect();
+    match args.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({
+                "sweep": a.sweep,
+                "index": outcome.index,
+                "figures": outcome.figures,
+                "files": outcome.files,
+                "complete": a.complete,
+                "missing": missing,
+            })
+        ),
+        Format::Table => {
+            println!(
+                "report of sweep {} written to {} ({} figures, {} files)",
+                a.sweep,
+                outcome.index.display(),
+                outcome.figures.len(),
+                outcome.files.len()
+            );
+            if !missing.is_empty() {
+                println!(
+                    "partial: {} job(s) without a result: {}",
+                    missing.len(),
+                    missing.join(", ")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {

@@ -397,6 +397,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             epochs_trained: req.epochs_trained,
             best_epoch: req.best_epoch,
             n_test: req.n_test,
+            layers: crate::convert::layers_from_pb(&req.layers),
         };
         let (job_id, attempt) = (at.job_id, at.attempt);
         let accuracy = completion.test_accuracy;
@@ -670,5 +671,22 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::ListSweepsResponse>, Status> {
         let sweeps = self.blocking(|s| s.sweeps()).await?;
         Ok(Response::new(pb::ListSweepsResponse { sweeps }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_results(
+        &self,
+        request: Request<pb::ListResultsRequest>,
+    ) -> Result<Response<pb::ListResultsResponse>, Status> {
+        let sweep = request.into_inner().sweep;
+        let name = sweep.clone();
+        let (spec_json, results) = self
+            .blocking(move |s| Ok((s.spec_json(&name)?, s.results(&name)?)))
+            .await?;
+        Ok(Response::new(pb::ListResultsResponse {
+            sweep,
+            spec_json,
+            results: results.iter().map(crate::convert::result_to_pb).collect(),
+        }))
     }
 }

@@ -40,6 +40,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use rotsweep_shared::architecture::LayerInfo;
 use rotsweep_shared::spec::SweepSpec;
 use rotsweep_shared::summary::{self, GridModel, JobResult, Summary};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -253,7 +254,7 @@ pub struct EpochRow {
 }
 
 /// The test result of a finished job.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Completion {
     /// Test accuracy (NaN when invalid).
     pub test_accuracy: f64,
@@ -269,6 +270,27 @@ pub struct Completion {
     pub best_epoch: u32,
     /// Test examples.
     pub n_test: u32,
+    /// The model's layer table as the worker built it (may be empty).
+    pub layers: Vec<LayerInfo>,
+}
+
+/// A stored result with its job, for reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultRow {
+    /// Job id.
+    pub job_id: i64,
+    /// Model name.
+    pub model: String,
+    /// Model kind.
+    pub kind: String,
+    /// Rotation.
+    pub rotation: u32,
+    /// The attempt that completed the job.
+    pub attempt: u32,
+    /// COMPLETED or INVALID.
+    pub state: String,
+    /// The stored result (NaN accuracy and loss when not stored).
+    pub completion: Completion,
 }
 
 /// A job as shown by `status`.
@@ -372,7 +394,8 @@ CREATE TABLE IF NOT EXISTS results (
     confusion_json  TEXT NOT NULL,
     epochs_trained  INTEGER NOT NULL,
     best_epoch      INTEGER NOT NULL,
-    n_test          INTEGER NOT NULL
+    n_test          INTEGER NOT NULL,
+    layers_json     TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS workers (
     worker_id             TEXT PRIMARY KEY,
@@ -435,6 +458,12 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        // Databases made before layer tables were stored lack the column.
+        if !has_column(&conn, "results", "layers_json")? {
+            conn.execute_batch(
+                "ALTER TABLE results ADD COLUMN layers_json TEXT NOT NULL DEFAULT '[]'",
+            )?;
+        }
         // Databases made before the concurrency cap and measured costs.
         if !has_column(&conn, "sweeps", "max_concurrent")? {
             conn.execute_batch("ALTER TABLE sweeps ADD COLUMN max_concurrent INTEGER")?;
@@ -457,6 +486,31 @@ impl Store {
     pub fn with_quarantine(mut self, policy: QuarantinePolicy) -> Self {
         self.quarantine = policy;
         self
+    }
+
+    /// Opens an existing `DIR/state.sqlite` read-only, for reports and
+    /// exports while a coordinator may be writing it. Nothing is created or
+    /// migrated; calls that write fail.
+    pub fn open_read_only(dir: &Path) -> StoreResult<Self> {
+        let path = dir.join("state.sqlite");
+        if !path.is_file() {
+            return Err(StoreError::Invalid(format!(
+                "no state database at {} (is {} a coordinator's --state directory?)",
+                path.display(),
+                dir.display()
+            )));
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path,
+            quarantine: QuarantinePolicy::default(),
+            expired: Mutex::new(Vec::new()),
+        })
     }
 
     /// Path of the database file.
@@ -811,8 +865,8 @@ impl Store {
         let accuracy = c.test_accuracy.is_finite().then_some(c.test_accuracy);
         tx.execute(
             "INSERT OR REPLACE INTO results (job_id, attempt, test_accuracy, test_loss, \
-             labels_json, confusion_json, epochs_trained, best_epoch, n_test) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             labels_json, confusion_json, epochs_trained, best_epoch, n_test, layers_json) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 at.job_id,
                 at.attempt,
@@ -822,7 +876,8 @@ impl Store {
                 serde_json::to_string(&c.confusion).expect("integers serialise"),
                 c.epochs_trained,
                 c.best_epoch,
-                c.n_test
+                c.n_test,
+                serde_json::to_string(&c.layers).expect("layer rows serialise")
             ],
         )?;
         let new_state = if accuracy.is_some() {
@@ -1165,6 +1220,74 @@ impl Store {
             .map_err(|e| StoreError::Invalid(e.to_string()))
     }
 
+    /// Every stored result of a sweep (COMPLETED and INVALID jobs), by job.
+    pub fn results(&self, sweep: &str) -> StoreResult<Vec<ResultRow>> {
+        let conn = self.lock();
+        let sweep_id = sweep_id_in(&conn, sweep)?;
+        // A read-only open of an old database has no layers_json column.
+        let layers = if has_column(&conn, "results", "layers_json")? {
+            "r.layers_json"
+        } else {
+            "'[]'"
+        };
+        let mut stmt = conn.prepare(&format!(
+            "SELECT j.id, j.model, j.kind, j.rotation, r.attempt, j.state, r.test_accuracy, \
+             r.test_loss, r.labels_json, r.confusion_json, r.epochs_trained, r.best_epoch, \
+             r.n_test, {layers} \
+             FROM results r JOIN jobs j ON j.id = r.job_id \
+             WHERE j.sweep_id = ?1 AND j.state IN ('COMPLETED', 'INVALID') ORDER BY j.id"
+        ))?;
+        let rows = stmt.query_map([sweep_id], |r| {
+            Ok((
+                (
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, u32>(3)?,
+                    r.get::<_, u32>(4)?,
+                    r.get::<_, String>(5)?,
+                ),
+                (
+                    r.get::<_, Option<f64>>(6)?,
+                    r.get::<_, Option<f64>>(7)?,
+                    r.get::<_, String>(8)?,
+                    r.get::<_, String>(9)?,
+                    r.get::<_, u32>(10)?,
+                    r.get::<_, u32>(11)?,
+                    r.get::<_, u32>(12)?,
+                    r.get::<_, String>(13)?,
+                ),
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let ((job_id, model, kind, rotation, attempt, state), rest) = row?;
+            let (acc, loss, labels, confusion, epochs_trained, best_epoch, n_test, layers) = rest;
+            let corrupt = |e: serde_json::Error| {
+                StoreError::Invalid(format!("stored result of job {job_id}: {e}"))
+            };
+            out.push(ResultRow {
+                job_id,
+                model,
+                kind,
+                rotation,
+                attempt,
+                state,
+                completion: Completion {
+                    test_accuracy: acc.unwrap_or(f64::NAN),
+                    test_loss: loss.unwrap_or(f64::NAN),
+                    labels: serde_json::from_str(&labels).map_err(corrupt)?,
+                    confusion: serde_json::from_str(&confusion).map_err(corrupt)?,
+                    epochs_trained,
+                    best_epoch,
+                    n_test,
+                    layers: serde_json::from_str(&layers).map_err(corrupt)?,
+                },
+            });
+        }
+        Ok(out)
+    }
+
     /// True when every job of the sweep is in a final state.
     pub fn is_finished(&self, sweep: &str) -> StoreResult<bool> {
         let conn = self.lock();
@@ -1390,6 +1513,7 @@ mod tests {
             epochs_trained: 1,
             best_epoch: 1,
             n_test: 1,
+            layers: Vec::new(),
         }
     }
 
@@ -1527,6 +1651,12 @@ mod tests {
                 epochs_trained: 1,
                 best_epoch: 1,
                 n_test: 8,
+                layers: vec![LayerInfo {
+                    name: "output".into(),
+                    kind: "Dense".into(),
+                    output_shape: vec![2],
+                    n_params: 18,
+                }],
             };
             store.complete(&at(l), &c, 1).unwrap();
         };
@@ -1537,6 +1667,10 @@ mod tests {
         let s = store.summary("s").unwrap();
         let gru = s.models.iter().find(|m| m.name == "gru").unwrap();
         assert_eq!((gru.n_used, gru.n_total), (1, 2));
+        let results = store.results("s").unwrap();
+        assert_eq!(results.len(), 2);
+        assert_eq!(results[0].completion.layers[0].n_params, 18);
+        assert!(results.iter().any(|r| r.state == state::INVALID));
         assert_eq!(gru.confusion, vec![vec![3, 1], vec![0, 4]]);
         assert!(!s.complete);
         let states: Vec<String> = store
@@ -1546,6 +1680,38 @@ mod tests {
             .map(|j| j.state)
             .collect();
         assert!(states.contains(&state::INVALID.to_string()));
+    }
+
+    #[test]
+    fn old_databases_gain_the_layer_column_and_read_only_opens_see_results() {
+        let store = temp_store("migrate");
+        let dir = store.path().parent().unwrap().to_path_buf();
+        store.submit(&spec("s", 1), false).unwrap();
+        store
+            .lock()
+            .execute_batch("ALTER TABLE results DROP COLUMN layers_json")
+            .unwrap();
+        drop(store);
+
+        // A reader of the old schema still lists results (with no layers).
+        let reader = Store::open_read_only(&dir).unwrap();
+        assert!(reader.results("s").unwrap().is_empty());
+        assert!(reader.submit(&spec("t", 1), false).is_err());
+        drop(reader);
+
+        let store = Store::open(&dir).unwrap();
+        let l = leased(store.lease("w", None, 0, 1000).unwrap());
+        let c = Completion {
+            test_accuracy: 0.5,
+            labels: vec!["A".into()],
+            confusion: vec![vec![1]],
+            ..Default::default()
+        };
+        store.complete(&at(&l), &c, 1).unwrap();
+        let results = Store::open_read_only(&dir).unwrap().results("s").unwrap();
+        assert_eq!(results.len(), 1);
+        assert!(results[0].completion.layers.is_empty());
+        assert!(Store::open_read_only(&dir.join("missing")).is_err());
     }
 
     #[test]

@@ -628,6 +628,16 @@ async fn complete(client: &pb::Client, job_ref: &pb::JobRef, outcome: &TrainOutc
         epochs_trained: outcome.epochs_trained as u32,
         best_epoch: outcome.best_epoch as u32,
         n_test: outcome.n_test as u32,
+        layers: outcome
+            .layers
+            .iter()
+            .map(|l| pb::LayerInfo {
+                name: l.name.clone(),
+                kind: l.kind.clone(),
+                output_shape: l.output_shape.iter().map(|&d| d as u64).collect(),
+                n_params: l.n_params as u64,
+            })
+            .collect(),
     };
     match with_retry("CompleteJob", client, None, |mut c| {
         let request = request.clone();

@@ -92,6 +92,35 @@ enum Command {
     Train(TrainArgs),
     /// Time training steps of a model on random tokens.
     Bench(BenchArgs),
+    /// Print a model's layer table (output shapes, parameter counts) as
+    /// built for one rotation's vocabulary, classes and sequence length.
+    Summary(SummaryArgs),
+}
+
+#[derive(Debug, Args)]
+struct SummaryArgs {
+    /// Sweep spec (TOML); use with --model.
+    #[arg(long, conflicts_with_all = ["data", "kind"], requires = "model")]
+    spec: Option<PathBuf>,
+    /// Model name in the spec (a key of its [models] table).
+    #[arg(long, requires = "spec")]
+    model: Option<String>,
+    /// Data folder of pfam_fold_{k}.csv files; model at defaults.
+    #[arg(long, requires = "kind")]
+    data: Option<PathBuf>,
+    /// Model kind when reading --data.
+    #[arg(long, value_parser = parse_kind)]
+    kind: Option<ModelKind>,
+    /// Rotation whose training folds fix the vocabulary and classes.
+    #[arg(long, default_value_t = 0)]
+    rotation: usize,
+    /// Sequence length (overrides the spec; default: longest training
+    /// sequence).
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
 }
 
 /// Output format of `train`.
@@ -189,6 +218,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Train(args)) => run_train(args),
         Some(Command::Bench(args)) => run_bench(args),
+        Some(Command::Summary(args)) => run_summary(args),
         None => run_agent(cli.agent),
     };
     match result {
@@ -534,6 +564,87 @@ fn print_outcome(format: Format, outcome: &TrainOutcome) -> anyhow::Result<()> {
                 },
             );
         }
+    }
+    std::io::stdout().flush().context("writing to stdout")
+}
+
+/// Builds the model on the CPU, exactly as a job of this rotation would,
+/// and prints its layer table.
+fn run_summary(args: SummaryArgs) -> anyhow::Result<()> {
+    let (name, mut data, model) = match (&args.spec, &args.data, &args.kind) {
+        (Some(path), _, _) => {
+            let spec = SweepSpec::from_path(path)
+                .with_context(|| format!("reading sweep spec {}", path.display()))?;
+            let name = args.model.clone().unwrap_or_default();
+            let Some(model) = spec.models.get(&name) else {
+                let names: Vec<&str> = spec.models.keys().map(String::as_str).collect();
+                bail!(
+                    "spec {} has no model `{name}` (it has: {})",
+                    path.display(),
+                    names.join(", ")
+                );
+            };
+            (name, spec.data.clone(), model.clone())
+        }
+        (None, Some(dir), Some(kind)) => {
+            let data = DataSpec {
+                dir: dir.clone(),
+                version: String::new(),
+                folds: 5,
+                train_folds: 3,
+                rotations: None,
+                max_len: None,
+            };
+            (kind.as_str().to_string(), data, ModelSpec::new(*kind))
+        }
+        _ => bail!("give --spec FILE --model NAME, or --data DIR --kind KIND"),
+    };
+    if args.max_len.is_some() {
+        data.max_len = args.max_len;
+    }
+    let rotation = load_rotation(&data, args.rotation).with_context(|| {
+        format!(
+            "loading rotation {} of {}",
+            args.rotation,
+            data.dir.display()
+        )
+    })?;
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, 0, &Device::Cpu);
+    let built = Model::new(
+        &model,
+        rotation.vocab.size(),
+        rotation.labels.len(),
+        rotation.max_len,
+        vb,
+    )?;
+    let layers = built.layers();
+
+    match args.format {
+        Format::Table => {
+            println!(
+                "model {name} ({}), rotation {}: vocabulary {}, {} classes, sequence length {}",
+                model.kind.as_str(),
+                args.rotation,
+                rotation.vocab.size(),
+                rotation.labels.len(),
+                rotation.max_len
+            );
+            print!("{}", rotsweep_shared::architecture::to_table(&layers));
+        }
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({
+                "model": name,
+                "kind": model.kind.as_str(),
+                "rotation": args.rotation,
+                "vocab_size": rotation.vocab.size(),
+                "n_classes": rotation.labels.len(),
+                "max_len": rotation.max_len,
+                "n_params": built.n_params(),
+                "layers": layers,
+            })
+        ),
     }
     std::io::stdout().flush().context("writing to stdout")
 }

@@ -134,6 +134,8 @@ pub struct TrainOutcome {
     pub resumed_after_epoch: Option<usize>,
     /// Trainable parameters of the model.
     pub n_params: usize,
+    /// The model's layer table (shapes and parameter counts), as built.
+    pub layers: Vec<crate::model::LayerInfo>,
 }
 
 /// Callbacks from the trainer to whoever runs the job (CLI or lease loop).
@@ -587,6 +589,7 @@ impl<'a> Job<'a> {
             reports: self.progress.reports.clone(),
             resumed_after_epoch,
             n_params: self.model.n_params(),
+            layers: self.model.layers(),
         })
     }
 
