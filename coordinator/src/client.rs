@@ -7,6 +7,7 @@ use anyhow::Context;
 use rotsweep_proto::auth::Token;
 use rotsweep_proto::tls::{self, Remote};
 pub use rotsweep_proto::Client;
+pub use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Connects to `url` with the token from `token_file` or `ROTSWEEP_TOKEN`;
 /// an `https://` URL is verified against the CA in `tls_ca` (or the file
@@ -28,7 +29,7 @@ pub async fn connect(
 pub fn rpc_error(rpc: &str, status: tonic::Status) -> anyhow::Error {
     let hint = match status.code() {
         tonic::Code::Unauthenticated => {
-            " (set ROTSWEEP_TOKEN or --token-file to the coordinator's token)"
+            " (ROTSWEEP_TOKEN or --token-file must hold the coordinator's token)"
         }
         tonic::Code::Unavailable => " (is the coordinator running?)",
         _ => "",
@@ -38,4 +39,36 @@ pub fn rpc_error(rpc: &str, status: tonic::Status) -> anyhow::Error {
         status.code(),
         status.message()
     )
+}
+
+/// Asks the coordinator's standard gRPC health service
+/// (`grpc.health.v1.Health/Check`) how `service` is doing (`""`: the whole
+/// server). Needs no token; an `https://` URL is verified as in [`connect`].
+/// Gives up after `timeout`.
+pub async fn check_health(
+    url: &str,
+    tls_ca: Option<&Path>,
+    service: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ServingStatus> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    let ca = tls::load_ca(tls_ca)?;
+    let remote = Remote::new(url, None, ca.as_deref())?;
+    let ask = async {
+        let channel = remote
+            .channel()
+            .await
+            .with_context(|| format!("cannot connect to the coordinator at {url}"))?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .map_err(|s| rpc_error("Health/Check", s))?;
+        anyhow::Ok(response.into_inner().status())
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .with_context(|| format!("no health answer from {url} within {timeout:?}"))?
 }

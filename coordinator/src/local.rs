@@ -171,10 +171,7 @@ fn worker_stderr(cfg: &RunConfig, id: &str) -> anyhow::Result<Stdio> {
 pub async fn run(cfg: RunConfig) -> anyhow::Result<RunOutcome> {
     // Check every rotation's data before starting anything, so bad input
     // fails fast with the file and line at fault.
-    for r in cfg.spec.rotations() {
-        rotsweep_shared::data::load_rotation(&cfg.spec.data, r)
-            .with_context(|| format!("checking the data of rotation {r}"))?;
-    }
+    check_data(&cfg.spec)?;
 
     let token = Token::generate().context("generating a token for the local workers")?;
     let server = server::start(ServerConfig {
@@ -303,6 +300,29 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunOutcome> {
         unfinished,
         summary_path,
     })
+}
+
+/// Loads every rotation of the spec's data the way a worker will, so a
+/// missing or malformed fold, an empty fold or a label found only outside
+/// training fails here with the file and line, before any job is stored.
+/// Characters outside the vocabulary are legal (they map to OOV) but are
+/// logged once with their first location.
+pub fn check_data(spec: &SweepSpec) -> anyhow::Result<()> {
+    let mut warned = false;
+    for r in spec.rotations() {
+        let data = rotsweep_shared::data::load_rotation(&spec.data, r)
+            .with_context(|| format!("checking the data of rotation {r}"))?;
+        if let (false, Some((path, line, c))) = (warned, &data.oov.first) {
+            tracing::warn!(
+                rotation = r,
+                n_chars = data.oov.n_chars,
+                first = %format!("{}:{line} {c:?}", path.display()),
+                "characters that are not upper-case amino-acid codes map to OOV"
+            );
+            warned = true;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `value` as pretty JSON, atomically (temp file + rename).

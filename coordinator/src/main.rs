@@ -20,7 +20,7 @@ use rotsweep_coordinator::store::QuarantinePolicy;
 use rotsweep_proto as pb;
 use rotsweep_proto::auth::Token;
 use rotsweep_proto::tls::ServerTls;
-use rotsweep_shared::data::{fold_path, fold_sizes, Rotation};
+use rotsweep_shared::data::{fold_sizes, Rotation};
 use rotsweep_shared::spec::SweepSpec;
 
 /// Cross-validation rotation sweeps of sequence classifiers.
@@ -152,6 +152,10 @@ enum Command {
         /// Store a changed spec under an existing name as a new version.
         #[arg(long)]
         new_version: bool,
+        /// Skip loading the data here (when this machine cannot see it);
+        /// by default every rotation is loaded and checked first.
+        #[arg(long)]
+        no_data_check: bool,
         #[command(flatten)]
         remote: Remote,
         #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -217,6 +221,22 @@ enum Command {
     },
     /// Names of the stored sweeps.
     Sweeps {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Ask the coordinator's standard gRPC health service whether it
+    /// serves (no token needed). Prints the status and exits 0 only when it
+    /// is SERVING: for container probes and scripts.
+    Health {
+        /// Service to ask about (default: the whole server), e.g.
+        /// rotsweep.v1.Coordinator.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
         #[command(flatten)]
         remote: Remote,
         #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -434,10 +454,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Submit {
             spec,
             new_version,
+            no_data_check,
             remote,
             format,
         } => {
             let spec = load_spec(&spec)?;
+            if no_data_check {
+                tracing::warn!("not checking the data; workers will report data errors");
+            } else {
+                local::check_data(&spec)?;
+            }
             let mut client = remote.connect().await?;
             let resp = client
                 .submit_sweep(pb::SubmitSweepRequest {
@@ -584,7 +610,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(|s| rpc_error("Watch", s))?
                 .into_inner();
+            let mut n_events = 0usize;
             while let Some(event) = stream.message().await.map_err(|s| rpc_error("Watch", s))? {
+                n_events += 1;
                 match bars.as_mut() {
                     Some(b) => show_watch_event(b, &event),
                     None => print_event(&event, format),
@@ -592,6 +620,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             if let Some(b) = bars {
                 b.finish();
+            }
+            if n_events == 0 {
+                tracing::info!(
+                    "the sweep has already finished; see `rotsweep status` or `summary`"
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -610,6 +643,33 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Format::Json => println!("{}", serde_json::json!(resp.sweeps)),
             }
             Ok(ExitCode::SUCCESS)
+        }
+
+        Command::Health {
+            service,
+            timeout,
+            remote,
+            format,
+        } => {
+            let status = client::check_health(
+                &remote.coordinator,
+                remote.tls_ca.as_deref(),
+                &service,
+                seconds(timeout, "timeout")?,
+            )
+            .await?;
+            match format {
+                Format::Table => println!("{}", status.as_str_name()),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({"service": service, "status": status.as_str_name()})
+                ),
+            }
+            if status == client::ServingStatus::Serving {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::FAILURE)
+            }
         }
     }
 }
@@ -793,13 +853,9 @@ async fn shutdown_signal() {
 }
 
 fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
-    let sizes = fold_sizes(&spec.data).with_context(|| {
-        format!(
-            "checking the folds in {} (e.g. {})",
-            spec.data.dir.display(),
-            fold_path(&spec.data.dir, &spec.data.version, 0).display()
-        )
-    })?;
+    local::check_data(spec)?;
+    let sizes = fold_sizes(&spec.data)
+        .with_context(|| format!("checking the folds in {}", spec.data.dir.display()))?;
     let mut rows = Vec::new();
     for (i, job) in spec.jobs().iter().enumerate() {
         let rot = Rotation::new(job.rotation, spec.data.folds, spec.data.train_folds)?;

@@ -590,6 +590,16 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
 
+        // A sweep that has already finished has nothing left to say: end the
+        // stream at once instead of waiting for events that never come.
+        let name = sweep.clone();
+        if self.blocking(move |s| s.is_finished(&name)).await? {
+            drop(tx);
+            return Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )));
+        }
+
         tokio::spawn(async move {
             loop {
                 let event = match events.recv().await {

@@ -51,9 +51,9 @@ pub fn read_fold(path: &Path) -> Result<Fold> {
             path: path.to_path_buf(),
         });
     }
-    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+    let file = std::fs::File::open(path).map_err(|error| Error::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let csv_err = |line: u64, message: String| Error::Csv {
         path: path.to_path_buf(),

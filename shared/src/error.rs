@@ -7,12 +7,13 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {error}", path.display())]
     Io {
         /// The file that failed.
         path: PathBuf,
-        /// The underlying I/O error.
-        source: std::io::Error,
+        /// The underlying I/O error (part of the message, not a separate
+        /// `source`, so error chains do not print it twice).
+        error: std::io::Error,
     },
 
     /// The spec is not valid TOML or has an unknown or mistyped key.

@@ -347,9 +347,9 @@ impl SweepSpec {
     /// Reads, parses and validates a spec file; `data.dir` becomes absolute
     /// (relative to the spec file's folder).
     pub fn from_path(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| Error::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let mut spec = Self::from_toml(&text, path)?;
 

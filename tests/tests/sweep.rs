@@ -114,6 +114,18 @@ fn two_workers_train_a_sweep_and_every_row_is_stored_once() -> anyhow::Result<()
     let mean = gru.rotations.iter().map(|r| r.test_accuracy).sum::<f64>() / 2.0;
     assert!((gru.mean - mean).abs() < 1e-12);
 
+    // Watching a finished sweep ends at once instead of waiting forever.
+    let mut watch = Proc {
+        child: std::process::Command::new(bin("rotsweep"))
+            .args(["watch", "slice", "--coordinator", &server.url])
+            .env("ROTSWEEP_TOKEN", TOKEN)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+        name: "rotsweep watch".into(),
+    };
+    assert!(watch.wait_timeout(Duration::from_secs(30))?.success());
+
     // The CLI's JSON summary has the documented shape.
     let (code, out, err) = cli(
         &[
@@ -241,6 +253,26 @@ fn bad_input_fails_with_the_file_and_line_or_key() -> anyhow::Result<()> {
     let (code, _, err) = cli(&["plan", spec.to_str().unwrap()], None)?;
     assert_ne!(code, 0);
     assert!(err.contains(&format!("pfam_fold_2.csv:{n_lines}")), "{err}");
+
+    // A label found only in the test fold is caught by `plan`, not first by
+    // a worker.
+    std::fs::write(
+        data.join("pfam_fold_2.csv"),
+        fold2.replace("Globin,extra\n", "Globin\n"),
+    )?;
+    let mut fold4 = std::fs::read_to_string(data.join("pfam_fold_4.csv"))?;
+    fold4.push_str("MKVLAAGIVGLLLAQ,OnlyInTest\n");
+    std::fs::write(data.join("pfam_fold_4.csv"), &fold4)?;
+    let (code, _, err) = cli(&["plan", spec.to_str().unwrap()], None)?;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("`OnlyInTest`") && err.contains("pfam_fold_4.csv:"),
+        "{err}"
+    );
+    std::fs::copy(
+        repo_root().join("examples/data/pfam-real/pfam_fold_4.csv"),
+        data.join("pfam_fold_4.csv"),
+    )?;
 
     // An unknown key in the spec.
     std::fs::write(
