@@ -3,7 +3,9 @@
 # store under a temporary folder, removed afterwards) and runs it: both
 # binaries print their version, and `rotsweep plan` reads the bundled
 # example spec and Pfam data, which proves the libraries, the loader and
-# the data are all in the image.
+# the data are all in the image. Then the coordinator runs in the image with
+# its state on a volume, and its health service answers from outside and,
+# as a Kubernetes exec probe would ask it, from inside.
 #
 # Prints one line per check and `N passed, N failed`; exits 1 if any
 # failed. Needs root, podman and runc. Binaries: ROTSWEEP_BIN_DIR, else
@@ -41,6 +43,7 @@ check() {
 store=$(mktemp -d /tmp/rotsweep-image-test.XXXXXX)
 podman=(podman --root "$store/root" --runroot "$store/run" --storage-driver vfs)
 cleanup() {
+    "${podman[@]}" rm --all --force >/dev/null 2>&1 || true
     "${podman[@]}" rmi --all --force >/dev/null 2>&1 || true
     # conmon, podman's per-container monitor, outlives its container by a
     # moment: wait for those of this store before removing it.
@@ -76,3 +79,36 @@ check "the image runs as a non-root user" \
     test "$("${podman[@]}" image inspect --format '{{.Config.User}}' "$tag")" = 65532:65532
 size=$("${podman[@]}" image inspect --format '{{.Size}}' "$tag")
 check "the image is small (under 100 MB: $((size / 1000000)) MB)" test "$size" -lt 100000000
+
+# The coordinator in the image, as a cluster runs it: a volume for its state,
+# the health service asked from outside and, like a Kubernetes exec probe,
+# from inside. Host networking, loopback only (no token, so the server
+# refuses anything else).
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+install -d -o 65532 -g 65532 "$store/state"
+started=0
+if "${podman[@]}" run -d --name rotsweep-ci-coordinator --runtime runc --network host \
+    --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 -v "$store/state:/var/lib/rotsweep" \
+    "$tag" serve --state /var/lib/rotsweep --listen "127.0.0.1:$port" >/dev/null; then
+    started=1
+fi
+check "the coordinator starts in the image" test "$started" = 1
+serving() { "$bin_dir/rotsweep" health --coordinator "http://127.0.0.1:$port" --timeout 2 >/dev/null 2>&1; }
+for _ in $(seq 1 100); do
+    serving && break
+    sleep 0.1
+done
+check "its health service answers SERVING from outside" serving
+inside() {
+    "${podman[@]}" exec rotsweep-ci-coordinator /usr/local/bin/rotsweep "$@" \
+        --coordinator "http://127.0.0.1:$port" 2>&1
+}
+probe_inside() { [[ $(inside health) == SERVING ]]; }
+submit_inside() { [[ $(inside submit /opt/rotsweep/examples/quick.toml) == *"sweep quick with 6 jobs"* ]]; }
+check "rotsweep health answers SERVING inside the container (the probe)" probe_inside
+check "a bundled example submits inside the container" submit_inside
+check "its state is on the volume" test -s "$store/state/state.sqlite"
+"${podman[@]}" stop --time 10 rotsweep-ci-coordinator >/dev/null 2>&1
+check "the coordinator stops on SIGTERM with status 0" \
+    test "$("${podman[@]}" inspect --format '{{.State.ExitCode}}' rotsweep-ci-coordinator 2>&1)" = 0
+"${podman[@]}" rm --force rotsweep-ci-coordinator >/dev/null 2>&1

@@ -172,6 +172,12 @@ impl Remote {
         self.endpoint.uri().scheme_str() == Some("https")
     }
 
+    /// Connects without the token interceptor, for services that need no
+    /// token (the standard gRPC health service).
+    pub async fn channel(&self) -> Result<tonic::transport::Channel, ConnectError> {
+        Ok(self.endpoint.connect().await?)
+    }
+
     /// Connects and wraps the channel with the token interceptor and the
     /// message-size caps.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
