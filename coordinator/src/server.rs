@@ -202,7 +202,17 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // tonic ignores the builder's `tcp_nodelay` with `serve_with_incoming`:
+    // set it on every accepted socket, or Nagle plus the peer's delayed ACK
+    // add ~40 ms to every response larger than one segment (leases).
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            let stream = conn?;
+            stream.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(stream)
+        },
+    );
 
     let grpc = tonic::codegen::InterceptedService::new(
         CoordinatorServer::new(service.clone())
