@@ -258,7 +258,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         addr,
         service,
         tls: config.tls.is_some(),
-
         shutdown_tx,
         handle,
         ticker,
