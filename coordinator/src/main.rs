@@ -300,6 +300,12 @@ enum MetricArg {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like: die quietly on a closed pipe,
+    // as other Unix tools do, instead of panicking inside `println!`.
+    // SAFETY: called first thing in main, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     init_tracing();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

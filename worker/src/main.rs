@@ -212,6 +212,12 @@ fn parse_kind(s: &str) -> Result<ModelKind, String> {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like: die quietly on a closed pipe,
+    // as other Unix tools do, instead of panicking inside `println!`.
+    // SAFETY: called first thing in main, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_logging();
 
