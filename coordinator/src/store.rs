@@ -36,6 +36,14 @@
 //! lease again; one more failure quarantines it again at once, one
 //! completed job clears the streak. Lost leases do not count: a lost worker
 //! is not asking for work.
+//!
+//! FIXME(#3): a job whose own input is bad (e.g. a label only in its test
+//! fold) fails on every worker, yet still counts toward the streak of the
+//! worker that tried it; `submit` and `run` now check the data first, but a
+//! worker that sees different data can still be quarantined for the sweep's
+//! fault. Counting a failure against the worker only when the same job has
+//! not also failed elsewhere (or a separate "input error" flag in FailJob)
+//! would fix it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
