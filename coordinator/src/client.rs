@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use rotsweep_proto as pb;
 use rotsweep_proto::auth::Token;
 use rotsweep_proto::tls::{self, Remote};
 pub use rotsweep_proto::Client;
@@ -71,4 +72,49 @@ pub async fn check_health(
     tokio::time::timeout(timeout, ask)
         .await
         .with_context(|| format!("no health answer from {url} within {timeout:?}"))?
+}
+
+/// `SweepStatus` for one sweep, with the RPC named in the error.
+pub async fn sweep_status(
+    client: &mut Client,
+    sweep: &str,
+) -> anyhow::Result<pb::SweepStatusResponse> {
+    let request = pb::SweepStatusRequest {
+        sweep: sweep.to_string(),
+    };
+    Ok(client
+        .sweep_status(request)
+        .await
+        .map_err(|s| rpc_error("SweepStatus", s))?
+        .into_inner())
+}
+
+/// `ListEpochs` for one sweep, with the RPC named in the error.
+pub async fn list_epochs(
+    client: &mut Client,
+    sweep: &str,
+) -> anyhow::Result<pb::ListEpochsResponse> {
+    let request = pb::ListEpochsRequest {
+        sweep: sweep.to_string(),
+    };
+    Ok(client
+        .list_epochs(request)
+        .await
+        .map_err(|s| rpc_error("ListEpochs", s))?
+        .into_inner())
+}
+
+/// `ListResults` for one sweep, with the RPC named in the error.
+pub async fn list_results(
+    client: &mut Client,
+    sweep: &str,
+) -> anyhow::Result<pb::ListResultsResponse> {
+    let request = pb::ListResultsRequest {
+        sweep: sweep.to_string(),
+    };
+    Ok(client
+        .list_results(request)
+        .await
+        .map_err(|s| rpc_error("ListResults", s))?
+        .into_inner())
 }

@@ -501,11 +501,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             format,
         } => {
             let mut client = remote.connect().await?;
-            let resp = client
-                .sweep_status(pb::SweepStatusRequest { sweep })
-                .await
-                .map_err(|s| rpc_error("SweepStatus", s))?
-                .into_inner();
+            let resp = client::sweep_status(&mut client, &sweep).await?;
             print_status(&resp, format);
             Ok(ExitCode::SUCCESS)
         }
@@ -535,11 +531,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             format,
         } => {
             let mut client = remote.connect().await?;
-            let resp = client
-                .list_epochs(pb::ListEpochsRequest { sweep })
-                .await
-                .map_err(|s| rpc_error("ListEpochs", s))?
-                .into_inner();
+            let resp = client::list_epochs(&mut client, &sweep).await?;
             print_epochs(&resp, format);
             Ok(ExitCode::SUCCESS)
         }
@@ -708,21 +700,8 @@ async fn watch_bars(
     sweep: &str,
 ) -> anyhow::Result<rotsweep_coordinator::progress::Bars> {
     use rotsweep_coordinator::progress::{Bars, Target};
-    let status = client
-        .sweep_status(pb::SweepStatusRequest {
-            sweep: sweep.to_string(),
-        })
-        .await
-        .map_err(|s| rpc_error("SweepStatus", s))?
-        .into_inner();
-    let spec = client
-        .list_results(pb::ListResultsRequest {
-            sweep: sweep.to_string(),
-        })
-        .await
-        .map_err(|s| rpc_error("ListResults", s))?
-        .into_inner()
-        .spec_json;
+    let status = client::sweep_status(client, sweep).await?;
+    let spec = client::list_results(client, sweep).await?.spec_json;
     let epochs = SweepSpec::from_json(&spec).map_or(1, |s| s.train.epochs);
     let n_done = status
         .jobs

@@ -141,28 +141,10 @@ impl ReportData {
 
     /// Reads a sweep from a running coordinator.
     pub async fn fetch(client: &mut pb::Client, sweep: &str) -> anyhow::Result<Self> {
-        use crate::client::rpc_error;
-        let status = client
-            .sweep_status(pb::SweepStatusRequest {
-                sweep: sweep.to_string(),
-            })
-            .await
-            .map_err(|s| rpc_error("SweepStatus", s))?
-            .into_inner();
-        let epochs = client
-            .list_epochs(pb::ListEpochsRequest {
-                sweep: sweep.to_string(),
-            })
-            .await
-            .map_err(|s| rpc_error("ListEpochs", s))?
-            .into_inner();
-        let results = client
-            .list_results(pb::ListResultsRequest {
-                sweep: sweep.to_string(),
-            })
-            .await
-            .map_err(|s| rpc_error("ListResults", s))?
-            .into_inner();
+        use crate::client::{list_epochs, list_results, sweep_status};
+        let status = sweep_status(client, sweep).await?;
+        let epochs = list_epochs(client, sweep).await?;
+        let results = list_results(client, sweep).await?;
         Ok(Self {
             sweep: sweep.to_string(),
             spec_json: results.spec_json,
