@@ -31,7 +31,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.is_file(),
-        "{} is not built; run the tests with `cargo test --workspace`",
+        "{} is not built; run `cargo build --workspace` before the tests",
         path.display()
     );
     path
