@@ -245,22 +245,28 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<RunOutcome> {
                     Some(b) => show_event(b, &e, &names),
                     None => log_event(&e, &names, total_epochs),
                 },
-                Err(RecvError::Lagged(n)) => tracing::debug!(n_missed = n, "progress events skipped"),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::debug!(n_missed = n, "progress events skipped")
+                }
                 Err(RecvError::Closed) => bail!("the embedded coordinator stopped"),
             },
             _ = tick.tick() => {
-                let mut alive = 0;
-                for w in workers.iter_mut() {
-                    match w.child.try_wait() {
-                        Ok(None) => alive += 1,
-                        Ok(Some(status)) if !status.success() => {
-                            tracing::warn!(worker_id = %w.id, %status, "worker exited with failure");
+                // Keep the workers still running; note the ones that failed.
+                workers.retain_mut(|w| match w.child.try_wait() {
+                    Ok(None) => true,
+                    Ok(Some(status)) => {
+                        if !status.success() {
+                            tracing::warn!(
+                                worker_id = %w.id,
+                                %status,
+                                "worker exited with failure"
+                            );
                         }
-                        _ => {}
+                        false
                     }
-                }
-                workers.retain_mut(|w| matches!(w.child.try_wait(), Ok(None)));
-                if alive == 0 && !store.is_finished(&sweep)? {
+                    Err(_) => false,
+                });
+                if workers.is_empty() && !store.is_finished(&sweep)? {
                     server.shutdown().await?;
                     bail!(
                         "every worker exited before sweep `{sweep}` finished (see the log above); \

@@ -482,7 +482,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             match format {
                 Format::Json => println!(
                     "{}",
-                    serde_json::json!({"sweep": resp.sweep, "n_jobs": resp.n_jobs, "created": resp.created})
+                    serde_json::json!({
+                        "sweep": resp.sweep,
+                        "n_jobs": resp.n_jobs,
+                        "created": resp.created,
+                    })
                 ),
                 Format::Table if resp.created => {
                     println!("submitted sweep {} with {} jobs", resp.sweep, resp.n_jobs)
