@@ -22,6 +22,7 @@ use rotsweep_proto::auth::Token;
 use rotsweep_proto::tls::ServerTls;
 use rotsweep_shared::data::{fold_sizes, Rotation};
 use rotsweep_shared::spec::SweepSpec;
+use rotsweep_shared::{out, outln};
 
 /// Cross-validation rotation sweeps of sequence classifiers.
 #[derive(Parser, Debug)]
@@ -300,12 +301,6 @@ enum MetricArg {
 }
 
 fn main() -> ExitCode {
-    // Output piped into `head` and the like: die quietly on a closed pipe,
-    // as other Unix tools do, instead of panicking inside `println!`.
-    // SAFETY: called first thing in main, before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     init_tracing();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -387,7 +382,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 },
             })
             .await?;
-            println!("listening on {}", server.url());
+            outln!("listening on {}", server.url());
             if let Some(path) = addr_file {
                 local::write_text(&path, &server.addr.to_string())?;
             }
@@ -438,8 +433,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             .await?;
 
             match format {
-                Format::Table => print!("{}", outcome.summary.to_table()),
-                Format::Json => println!("{}", serde_json::to_string_pretty(&outcome.summary)?),
+                Format::Table => out!("{}", outcome.summary.to_table()),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&outcome.summary)?),
             }
             tracing::info!(path = %outcome.summary_path.display(), "summary written");
             write_run_report(&state_dir, &outcome.summary.sweep);
@@ -480,7 +475,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .map_err(|s| rpc_error("SubmitSweep", s))?
                 .into_inner();
             match format {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
                     serde_json::json!({
                         "sweep": resp.sweep,
@@ -489,11 +484,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     })
                 ),
                 Format::Table if resp.created => {
-                    println!("submitted sweep {} with {} jobs", resp.sweep, resp.n_jobs)
+                    outln!("submitted sweep {} with {} jobs", resp.sweep, resp.n_jobs)
                 }
-                Format::Table => println!(
+                Format::Table => outln!(
                     "sweep {} already stored with this spec ({} jobs); nothing changed",
-                    resp.sweep, resp.n_jobs
+                    resp.sweep,
+                    resp.n_jobs
                 ),
             }
             Ok(ExitCode::SUCCESS)
@@ -523,8 +519,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .into_inner();
             let summary = summary_from_pb(resp)?;
             match format {
-                Format::Table => print!("{}", summary.to_table()),
-                Format::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
+                Format::Table => out!("{}", summary.to_table()),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&summary)?),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -554,12 +550,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .map_err(|s| rpc_error("CancelSweep", s))?
                 .into_inner();
             match format {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
                     serde_json::json!({"sweep": sweep, "pending_cancelled": resp.n_pending_cancelled,
                                        "running_signalled": resp.n_running_signalled})
                 ),
-                Format::Table => println!(
+                Format::Table => outln!(
                     "cancelled sweep {sweep}: {} pending job(s) cancelled, {} running job(s) stop at their next step",
                     resp.n_pending_cancelled, resp.n_running_signalled
                 ),
@@ -583,11 +579,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .map_err(|s| rpc_error("ResumeSweep", s))?
                 .into_inner();
             match format {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
                     serde_json::json!({"sweep": sweep, "requeued": resp.n_requeued})
                 ),
-                Format::Table => println!("re-queued {} job(s) of sweep {sweep}", resp.n_requeued),
+                Format::Table => outln!("re-queued {} job(s) of sweep {sweep}", resp.n_requeued),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -641,8 +637,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .map_err(|s| rpc_error("ListSweeps", s))?
                 .into_inner();
             match format {
-                Format::Table => resp.sweeps.iter().for_each(|s| println!("{s}")),
-                Format::Json => println!("{}", serde_json::json!(resp.sweeps)),
+                Format::Table => resp.sweeps.iter().for_each(|s| outln!("{s}")),
+                Format::Json => outln!("{}", serde_json::json!(resp.sweeps)),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -661,8 +657,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             )
             .await?;
             match format {
-                Format::Table => println!("{}", status.as_str_name()),
-                Format::Json => println!(
+                Format::Table => outln!("{}", status.as_str_name()),
+                Format::Json => outln!(
                     "{}",
                     serde_json::json!({"service": service, "status": status.as_str_name()})
                 ),
@@ -794,7 +790,7 @@ async fn run_report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         .map(|m| format!("{}/rot{} ({})", m.model, m.rotation, m.state))
         .collect();
     match args.format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::json!({
                 "sweep": a.sweep,
@@ -806,7 +802,7 @@ async fn run_report(args: ReportArgs) -> anyhow::Result<ExitCode> {
             })
         ),
         Format::Table => {
-            println!(
+            outln!(
                 "report of sweep {} written to {} ({} figures, {} files)",
                 a.sweep,
                 outcome.index.display(),
@@ -814,7 +810,7 @@ async fn run_report(args: ReportArgs) -> anyhow::Result<ExitCode> {
                 outcome.files.len()
             );
             if !missing.is_empty() {
-                println!(
+                outln!(
                     "partial: {} job(s) without a result: {}",
                     missing.len(),
                     missing.join(", ")
@@ -863,7 +859,7 @@ fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
         }));
     }
     match format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "sweep": spec.name,
@@ -873,7 +869,7 @@ fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
             }))?
         ),
         Format::Table => {
-            println!(
+            outln!(
                 "sweep {}: {} jobs ({} models x {} rotations), data {}",
                 spec.name,
                 rows.len(),
@@ -881,9 +877,18 @@ fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
                 spec.rotations().len(),
                 spec.data.dir.display()
             );
-            println!(
+            outln!(
                 "{:>4} {:<10} {:<5} {:>3} {:<9} {:>3} {:>4} {:>7} {:>5} {:>5}",
-                "job", "model", "kind", "rot", "train", "val", "test", "n_train", "n_val", "n_test"
+                "job",
+                "model",
+                "kind",
+                "rot",
+                "train",
+                "val",
+                "test",
+                "n_train",
+                "n_val",
+                "n_test"
             );
             for r in &rows {
                 let train: Vec<String> = r["train_folds"]
@@ -892,7 +897,7 @@ fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
                     .flatten()
                     .map(|v| v.to_string())
                     .collect();
-                println!(
+                outln!(
                     "{:>4} {:<10} {:<5} {:>3} {:<9} {:>3} {:>4} {:>7} {:>5} {:>5}",
                     r["job"],
                     r["model"].as_str().unwrap_or_default(),
@@ -948,7 +953,7 @@ fn print_status(resp: &pb::SweepStatusResponse, format: Format) {
                     })
                 })
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({"sweep": resp.sweep, "jobs": jobs, "workers": workers})
             );
@@ -956,7 +961,7 @@ fn print_status(resp: &pb::SweepStatusResponse, format: Format) {
         Format::Table => {
             // `lost/failed`: attempts lost with their worker (lease expired)
             // and attempts the job itself failed.
-            println!(
+            outln!(
                 "{:>4} {:<10} {:>3} {:<9} {:>7} {:>11} {:<12} {:>5} {:>8} {:>8} {:>8}",
                 "job",
                 "model",
@@ -972,7 +977,7 @@ fn print_status(resp: &pb::SweepStatusResponse, format: Format) {
             );
             for j in &resp.jobs {
                 let f = |x: f64| finite(x).map_or("-".into(), |v| format!("{v:.4}"));
-                println!(
+                outln!(
                     "{:>4} {:<10} {:>3} {:<9} {:>7} {:>11} {:<12} {:>5} {:>8} {:>7.0}s {:>8}",
                     j.job_id,
                     j.model,
@@ -987,14 +992,18 @@ fn print_status(resp: &pb::SweepStatusResponse, format: Format) {
                     f(j.test_accuracy)
                 );
                 if !j.last_error.is_empty() && j.state != "COMPLETED" {
-                    println!("     last error: {}", j.last_error);
+                    outln!("     last error: {}", j.last_error);
                 }
             }
             if !resp.workers.is_empty() {
-                println!();
-                println!(
+                outln!();
+                outln!(
                     "{:<16} {:>9} {:>11} {:>6} {:>8}  quarantine",
-                    "worker", "completed", "job_failed", "lost", "in_a_row"
+                    "worker",
+                    "completed",
+                    "job_failed",
+                    "lost",
+                    "in_a_row"
                 );
                 for w in &resp.workers {
                     let quarantine = if w.quarantined {
@@ -1002,7 +1011,7 @@ fn print_status(resp: &pb::SweepStatusResponse, format: Format) {
                     } else {
                         "no".to_string()
                     };
-                    println!(
+                    outln!(
                         "{:<16} {:>9} {:>11} {:>6} {:>8}  {quarantine}",
                         w.worker_id,
                         w.n_completed,
@@ -1034,10 +1043,10 @@ fn print_epochs(resp: &pb::ListEpochsResponse, format: Format) {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::Value::Array(rows));
+            outln!("{}", serde_json::Value::Array(rows));
         }
         Format::Table => {
-            println!(
+            outln!(
                 "{:>4} {:<10} {:>3} {:>7} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8}",
                 "job",
                 "model",
@@ -1052,7 +1061,7 @@ fn print_epochs(resp: &pb::ListEpochsResponse, format: Format) {
             );
             for r in &resp.rows {
                 let m = metrics(r);
-                println!(
+                outln!(
                     "{:>4} {:<10} {:>3} {:>7} {:>5} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>8.2}",
                     r.job_id,
                     r.model,
@@ -1077,12 +1086,12 @@ fn print_event(e: &pb::WatchEvent, format: Format) {
         e.model, e.rotation, e.job_id, e.attempt
     );
     match (format, &e.event) {
-        (Format::Json, Some(E::LeasedBy(w))) => println!(
+        (Format::Json, Some(E::LeasedBy(w))) => outln!(
             "{}",
             serde_json::json!({"job_id": e.job_id, "model": e.model, "rotation": e.rotation,
                                "attempt": e.attempt, "event": "leased", "worker_id": w})
         ),
-        (Format::Json, Some(E::Epoch(m))) => println!(
+        (Format::Json, Some(E::Epoch(m))) => outln!(
             "{}",
             serde_json::json!({"job_id": e.job_id, "model": e.model, "rotation": e.rotation,
                                "attempt": e.attempt, "event": "epoch", "epoch": m.epoch,
@@ -1090,17 +1099,22 @@ fn print_event(e: &pb::WatchEvent, format: Format) {
                                "val_loss": finite(m.val_loss), "val_accuracy": finite(m.val_accuracy),
                                "seconds": m.seconds})
         ),
-        (Format::Json, Some(E::State(s))) => println!(
+        (Format::Json, Some(E::State(s))) => outln!(
             "{}",
             serde_json::json!({"job_id": e.job_id, "model": e.model, "rotation": e.rotation,
                                "attempt": e.attempt, "event": "state", "state": s, "detail": e.detail})
         ),
-        (Format::Table, Some(E::LeasedBy(w))) => println!("{job}: leased by {w}"),
-        (Format::Table, Some(E::Epoch(m))) => println!(
+        (Format::Table, Some(E::LeasedBy(w))) => outln!("{job}: leased by {w}"),
+        (Format::Table, Some(E::Epoch(m))) => outln!(
             "{job}: epoch {} loss {:.4} acc {:.4} val_loss {:.4} val_acc {:.4} ({:.1} s)",
-            m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.seconds
+            m.epoch,
+            m.train_loss,
+            m.train_accuracy,
+            m.val_loss,
+            m.val_accuracy,
+            m.seconds
         ),
-        (Format::Table, Some(E::State(s))) => println!("{job}: {s} {}", e.detail),
+        (Format::Table, Some(E::State(s))) => outln!("{job}: {s} {}", e.detail),
         (_, None) => {}
     }
 }

@@ -54,6 +54,9 @@ pub enum ConnectError {
     /// Connecting failed (refused, timed out, TLS handshake failed).
     #[error("cannot connect: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The connection did not become ready in time.
+    #[error("cannot connect: no answer within {:.1} s", .0.as_secs_f64())]
+    Timeout(Duration),
 }
 
 fn read_pem(path: &Path, marker: &str) -> Result<Vec<u8>, ConnectError> {
@@ -182,11 +185,20 @@ impl Remote {
     /// message-size caps.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
         let channel = self.endpoint.connect().await?;
-        Ok(
-            CoordinatorClient::with_interceptor(channel, AddToken(self.token.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        Ok(self.wrap(channel))
+    }
+
+    /// A client on a new channel that dials on its first call. Callers that
+    /// bound each call with a deadline use it to drop a connection that
+    /// stopped answering without ever failing.
+    pub fn connect_lazy(&self) -> Client {
+        self.wrap(self.endpoint.connect_lazy())
+    }
+
+    fn wrap(&self, channel: tonic::transport::Channel) -> Client {
+        CoordinatorClient::with_interceptor(channel, AddToken(self.token.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 

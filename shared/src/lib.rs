@@ -7,6 +7,8 @@
 //! - [`summary`]: cross-rotation summaries of finished jobs.
 //! - [`stats`]: distributions, per-model statistics and paired tests
 //!   between models across rotations.
+//! - [`output`]: data on stdout ([`out!`], [`outln!`]) for commands whose
+//!   output is piped.
 //! - [`rng`]: the small deterministic generator used for shuffling, whose
 //!   whole state is one `u64` so checkpoints can store it.
 //!
@@ -17,6 +19,7 @@
 pub mod architecture;
 pub mod data;
 pub mod error;
+pub mod output;
 pub mod rng;
 pub mod spec;
 pub mod stats;

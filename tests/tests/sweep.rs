@@ -336,3 +336,42 @@ fn plan_lists_every_model_and_rotation() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Output piped into a reader that has gone (`rotsweep plan | head -0`)
+/// ends the command quietly with status 0: no panic, no death by SIGPIPE
+/// (the processes ignore SIGPIPE, so a socket reset cannot kill them).
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() -> anyhow::Result<()> {
+    let spec = repo_root().join("examples/hw6.toml");
+    let commands: [(&str, Vec<&str>); 2] = [
+        ("rotsweep", vec!["plan", spec.to_str().unwrap()]),
+        (
+            "rotsweep-worker",
+            vec![
+                "summary",
+                "--spec",
+                spec.to_str().unwrap(),
+                "--model",
+                "gru",
+            ],
+        ),
+    ];
+    for (program, args) in commands {
+        // The read end is closed before the command starts, so its first
+        // write fails, deterministically.
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let out = std::process::Command::new(bin(program))
+            .args(&args)
+            .stdout(writer)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {:?} {stderr}",
+            out.status
+        );
+        assert!(!stderr.contains("panicked"), "{program}: {stderr}");
+    }
+    Ok(())
+}

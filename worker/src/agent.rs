@@ -14,7 +14,10 @@
 //!
 //! Transient RPC failures (coordinator restarting, network cut) are retried
 //! with capped exponential backoff; re-sent reports are harmless because the
-//! coordinator stores each (job, attempt, epoch) once. Heartbeats go on
+//! coordinator stores each (job, attempt, epoch) once. Every call has a
+//! deadline (see [`Link`]): a call that neither fails nor answers, as on a
+//! connection that went silent, is abandoned, the channel is dropped and the
+//! retry dials a new one. Heartbeats go on
 //! until the attempt's final message is acknowledged, so a worker that
 //! waits out a coordinator restart keeps its lease.
 //!
@@ -59,6 +62,65 @@ pub struct AgentConfig {
     pub checkpoint_root: Option<PathBuf>,
     /// Stop after this many jobs (any outcome).
     pub max_jobs: Option<usize>,
+    /// Longest wait for any one answer from the coordinator. Calls about a
+    /// leased job wait at most a third of the lease (at least 1 s), so a
+    /// hung call is retried on a new connection while the lease holds.
+    pub rpc_timeout: Duration,
+}
+
+/// The worker's connection to the coordinator.
+///
+/// A tonic channel can stop answering without failing: a connection that
+/// went silent mid-handshake, or one a middlebox black-holed, leaves calls
+/// pending. Each call therefore runs under a deadline; one that overruns it
+/// fails with `DEADLINE_EXCEEDED` (a transient error, so it is retried) and
+/// swaps the channel for a new one that dials on its next call.
+#[derive(Clone)]
+struct Link {
+    remote: rotsweep_proto::tls::Remote,
+    client: Arc<std::sync::Mutex<pb::Client>>,
+    deadline: Duration,
+}
+
+impl Link {
+    fn new(remote: rotsweep_proto::tls::Remote, client: pb::Client, deadline: Duration) -> Self {
+        Self {
+            remote,
+            client: Arc::new(std::sync::Mutex::new(client)),
+            deadline,
+        }
+    }
+
+    /// The same connection with another deadline.
+    fn with_deadline(&self, deadline: Duration) -> Self {
+        Self {
+            deadline,
+            ..self.clone()
+        }
+    }
+
+    fn client(&self) -> pb::Client {
+        self.client.lock().expect("link lock").clone()
+    }
+
+    /// Runs one call under the deadline.
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<tonic::Response<T>, tonic::Status>
+    where
+        F: FnOnce(pb::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(self.deadline, f(self.client())).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                tracing::debug!(rpc = what, deadline = ?self.deadline, "no answer; redialling");
+                *self.client.lock().expect("link lock") = self.remote.connect_lazy();
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {:.1} s",
+                    self.deadline.as_secs_f64()
+                )))
+            }
+        }
+    }
 }
 
 /// Flags the trainer polls between steps.
@@ -115,6 +177,12 @@ impl TrainHooks for ChannelHooks {
     }
 }
 
+/// The deadline of calls about a job leased for `ttl`: a third of the lease,
+/// at least 1 s, at most `cap`.
+fn job_deadline(ttl: Duration, cap: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_secs(1)).min(cap)
+}
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((100u64 << attempt.min(6)).min(5_000))
 }
@@ -151,7 +219,7 @@ async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
 async fn connect(
     cfg: &AgentConfig,
     stop: &mut watch::Receiver<bool>,
-) -> anyhow::Result<Option<pb::Client>> {
+) -> anyhow::Result<Option<Link>> {
     // A bad URL or CA is a configuration error: fail at once, no retries.
     let remote = rotsweep_proto::tls::Remote::new(
         &cfg.coordinator,
@@ -160,8 +228,11 @@ async fn connect(
     )?;
     let mut tries = 0;
     loop {
-        match remote.connect().await {
-            Ok(client) => return Ok(Some(client)),
+        let dialled = tokio::time::timeout(cfg.rpc_timeout, remote.connect()).await;
+        let dialled = dialled
+            .unwrap_or_else(|_| Err(rotsweep_proto::tls::ConnectError::Timeout(cfg.rpc_timeout)));
+        match dialled {
+            Ok(client) => return Ok(Some(Link::new(remote, client, cfg.rpc_timeout))),
             Err(e) => {
                 tries += 1;
                 if tries == 1 || tries % 10 == 0 {
@@ -185,7 +256,7 @@ async fn connect(
 /// Returns `Ok(None)` when stopped while retrying.
 async fn with_retry<T, F, Fut>(
     what: &str,
-    client: &pb::Client,
+    link: &Link,
     stop: Option<&mut watch::Receiver<bool>>,
     mut f: F,
 ) -> Result<Option<T>, tonic::Status>
@@ -198,7 +269,7 @@ where
     let stop = stop.unwrap_or(&mut never);
     let mut tries = 0;
     loop {
-        match f(client.clone()).await {
+        match link.call(what, &mut f).await {
             Ok(resp) => return Ok(Some(resp.into_inner())),
             Err(status) if is_transient(&status) => {
                 tries += 1;
@@ -221,7 +292,7 @@ where
 /// is reached, or `stop` fires.
 pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let device = crate::parse_device(&cfg.device)?;
-    let Some(client) = connect(&cfg, &mut stop).await? else {
+    let Some(link) = connect(&cfg, &mut stop).await? else {
         return Ok(());
     };
     tracing::info!(worker_id = %cfg.worker_id, url = %cfg.coordinator, "worker connected");
@@ -237,7 +308,7 @@ pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::R
             sweep: cfg.sweep.clone().unwrap_or_default(),
             device: cfg.device.clone(),
         };
-        let lease = with_retry("LeaseJob", &client, Some(&mut stop), |mut c| {
+        let lease = with_retry("LeaseJob", &link, Some(&mut stop), |mut c| {
             let request = request.clone();
             async move { c.lease_job(request).await }
         })
@@ -251,7 +322,7 @@ pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::R
                 let job = lease.job.context("LEASED answer without a job")?;
                 n_jobs += 1;
                 quarantined = false;
-                run_job(&cfg, &client, job, device.clone(), &stop).await?;
+                run_job(&cfg, &link, job, device.clone(), &stop).await?;
             }
             Outcome::Quarantined => {
                 if !quarantined {
@@ -290,7 +361,7 @@ pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::R
 #[tracing::instrument(skip_all, fields(job_id = job.job_id, attempt = job.attempt, model = %job.model, rotation = job.rotation))]
 async fn run_job(
     cfg: &AgentConfig,
-    client: &pb::Client,
+    link: &Link,
     job: pb::JobLease,
     device: candle_core::Device,
     stop: &watch::Receiver<bool>,
@@ -301,6 +372,9 @@ async fn run_job(
         lease_token: job.lease_token.clone(),
     };
     tracing::info!("job leased");
+    // Calls about the job must give up in time to retry within the lease.
+    let ttl = Duration::from_millis(u64::from(job.lease_ttl_ms.max(300)));
+    let link = &link.with_deadline(job_deadline(ttl, cfg.rpc_timeout));
 
     // Everything about the job that can be wrong with its input is the job's
     // fault: report it so the coordinator stops re-queueing it blindly.
@@ -310,7 +384,7 @@ async fn run_job(
         Err(e) => {
             let reason = format!("{e:#}");
             tracing::error!(error = %reason, "job cannot start");
-            fail(client, &job_ref, &reason, true, false).await;
+            fail(link, &job_ref, &reason, true, false).await;
             return Ok(());
         }
     };
@@ -339,10 +413,9 @@ async fn run_job(
 
     // Heartbeats run beside training and keep the lease until the final
     // message is acknowledged, however long the coordinator is away.
-    let ttl = Duration::from_millis(u64::from(job.lease_ttl_ms.max(300)));
     let (hb_stop_tx, hb_stop_rx) = watch::channel(false);
     let heartbeat = tokio::spawn(heartbeat_loop(
-        client.clone(),
+        link.clone(),
         job_ref.clone(),
         ttl / 3,
         flags.clone(),
@@ -355,7 +428,7 @@ async fn run_job(
     let result = loop {
         tokio::select! {
             Some(report) = report_rx.recv() => {
-                send_report(client, &job_ref, &report, &flags).await;
+                send_report(link, &job_ref, &report, &flags).await;
             }
             _ = stop_rx.wait_for(|s| *s), if !flags.shutdown.load(Ordering::SeqCst) => {
                 tracing::info!("stopping: the job checkpoints at its next step");
@@ -366,7 +439,7 @@ async fn run_job(
     };
     // Reports queued before the trainer returned still go out, in order.
     while let Ok(report) = report_rx.try_recv() {
-        send_report(client, &job_ref, &report, &flags).await;
+        send_report(link, &job_ref, &report, &flags).await;
     }
 
     let result = result.context("training thread panicked");
@@ -379,7 +452,7 @@ async fn run_job(
     flags.finishing.store(true, Ordering::SeqCst);
     finish_job(
         cfg,
-        client,
+        link,
         &job,
         &job_ref,
         &flags,
@@ -395,7 +468,7 @@ async fn run_job(
 /// Sends the final message of an attempt: its result, or why it stopped.
 async fn finish_job(
     cfg: &AgentConfig,
-    client: &pb::Client,
+    link: &Link,
     job: &pb::JobLease,
     job_ref: &pb::JobRef,
     flags: &StopFlags,
@@ -404,7 +477,7 @@ async fn finish_job(
 ) {
     match result {
         Ok(outcome) => {
-            let accepted = complete(client, job_ref, &outcome).await;
+            let accepted = complete(link, job_ref, &outcome).await;
             if let Some(job_dir) = checkpoint_dir.and_then(Path::parent) {
                 if accepted {
                     remove_earlier_attempts(job_dir, job.attempt);
@@ -414,20 +487,20 @@ async fn finish_job(
         Err(crate::Error::Interrupted { epoch, steps_done }) => {
             if flags.cancelled.load(Ordering::SeqCst) {
                 tracing::info!(epoch, "job cancelled");
-                fail(client, job_ref, "cancelled", false, false).await;
+                fail(link, job_ref, "cancelled", false, false).await;
             } else {
                 tracing::info!(epoch, steps_done, "job released after checkpoint");
                 let reason = format!(
                     "worker {} stopped in epoch {epoch}; released",
                     cfg.worker_id
                 );
-                fail(client, job_ref, &reason, false, true).await;
+                fail(link, job_ref, &reason, false, true).await;
             }
         }
         Err(e) => {
             let reason = format!("{e}");
             tracing::error!(error = %reason, "job failed");
-            fail(client, job_ref, &reason, true, false).await;
+            fail(link, job_ref, &reason, true, false).await;
         }
     }
 }
@@ -532,12 +605,7 @@ fn note_status(flags: &StopFlags, rpc: &str, status: &tonic::Status) {
     }
 }
 
-async fn send_report(
-    client: &pb::Client,
-    job_ref: &pb::JobRef,
-    report: &EpochReport,
-    flags: &StopFlags,
-) {
+async fn send_report(link: &Link, job_ref: &pb::JobRef, report: &EpochReport, flags: &StopFlags) {
     if flags.stale.load(Ordering::SeqCst) {
         return;
     }
@@ -562,7 +630,7 @@ async fn send_report(
         seconds = report.seconds,
         "epoch done"
     );
-    match with_retry("ReportEpoch", client, None, |mut c| {
+    match with_retry("ReportEpoch", link, None, |mut c| {
         let request = request.clone();
         async move { c.report_epoch(request).await }
     })
@@ -575,7 +643,7 @@ async fn send_report(
 }
 
 async fn heartbeat_loop(
-    client: pb::Client,
+    link: Link,
     job_ref: pb::JobRef,
     every: Duration,
     flags: Arc<StopFlags>,
@@ -589,8 +657,13 @@ async fn heartbeat_loop(
             job: Some(job_ref.clone()),
             epoch: 0,
         };
-        let mut c = client.clone();
-        match c.heartbeat(request).await {
+        let answer = link
+            .call(
+                "Heartbeat",
+                |mut c| async move { c.heartbeat(request).await },
+            )
+            .await;
+        match answer {
             Ok(resp) if resp.get_ref().cancel => {
                 flags.cancelled.store(true, Ordering::SeqCst);
             }
@@ -618,7 +691,7 @@ async fn heartbeat_loop(
 }
 
 /// Reports the result; returns whether the coordinator accepted it.
-async fn complete(client: &pb::Client, job_ref: &pb::JobRef, outcome: &TrainOutcome) -> bool {
+async fn complete(link: &Link, job_ref: &pb::JobRef, outcome: &TrainOutcome) -> bool {
     let request = pb::CompleteJobRequest {
         job: Some(job_ref.clone()),
         test_accuracy: outcome.test_accuracy,
@@ -639,7 +712,7 @@ async fn complete(client: &pb::Client, job_ref: &pb::JobRef, outcome: &TrainOutc
             })
             .collect(),
     };
-    match with_retry("CompleteJob", client, None, |mut c| {
+    match with_retry("CompleteJob", link, None, |mut c| {
         let request = request.clone();
         async move { c.complete_job(request).await }
     })
@@ -666,20 +739,14 @@ async fn complete(client: &pb::Client, job_ref: &pb::JobRef, outcome: &TrainOutc
     }
 }
 
-async fn fail(
-    client: &pb::Client,
-    job_ref: &pb::JobRef,
-    reason: &str,
-    job_fault: bool,
-    release: bool,
-) {
+async fn fail(link: &Link, job_ref: &pb::JobRef, reason: &str, job_fault: bool, release: bool) {
     let request = pb::FailJobRequest {
         job: Some(job_ref.clone()),
         reason: reason.to_string(),
         job_fault,
         release,
     };
-    if let Err(status) = with_retry("FailJob", client, None, |mut c| {
+    if let Err(status) = with_retry("FailJob", link, None, |mut c| {
         let request = request.clone();
         async move { c.fail_job(request).await }
     })
@@ -706,5 +773,63 @@ mod tests {
         let (stop_tx, mut stop) = watch::channel(false);
         stop_tx.send_replace(true);
         assert!(sleep_or_stop(Duration::from_secs(600), &mut stop).await);
+    }
+
+    #[test]
+    fn calls_about_a_job_give_up_within_a_third_of_the_lease() {
+        let cap = Duration::from_secs(10);
+        assert_eq!(
+            job_deadline(Duration::from_secs(3), cap),
+            Duration::from_secs(1)
+        );
+        assert_eq!(job_deadline(Duration::from_secs(30), cap), cap);
+        assert_eq!(
+            job_deadline(Duration::from_millis(300), cap),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            job_deadline(Duration::from_secs(30), Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+    }
+
+    /// Regression (#3): a retried report hung for minutes on a connection
+    /// that never answered, and the lease expired meanwhile. A silent peer
+    /// now costs one deadline per call, and each overrun dials anew.
+    #[tokio::test]
+    async fn a_call_to_a_silent_peer_fails_by_its_deadline_and_redials() {
+        // A peer that accepts connections and never sends a byte.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+                let _ = accepted_tx.send(held.len());
+            }
+        });
+        let remote = rotsweep_proto::tls::Remote::new(&url, None, None).unwrap();
+        let link = Link::new(
+            remote.clone(),
+            remote.connect_lazy(),
+            Duration::from_millis(300),
+        );
+        let heartbeat =
+            |mut c: pb::Client| async move { c.heartbeat(pb::HeartbeatRequest::default()).await };
+        for n in 1..=2 {
+            let err = link.call("Heartbeat", heartbeat).await.unwrap_err();
+            assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+            assert!(is_transient(&err));
+            // Each call went out on its own connection: the first on the
+            // original channel, the second on the one dialled after the
+            // first overran.
+            let dialled = tokio::time::timeout(Duration::from_secs(60), accepted.recv()).await;
+            assert_eq!(
+                dialled.ok().flatten(),
+                Some(n),
+                "call {n} made no new connection"
+            );
+        }
     }
 }

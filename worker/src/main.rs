@@ -29,6 +29,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use rotsweep_shared::data::load_rotation;
 use rotsweep_shared::rng::SplitMix64;
 use rotsweep_shared::spec::{DataSpec, ModelKind, ModelSpec, SweepSpec, TrainSpec};
+use rotsweep_shared::{out, outln};
 use rotsweep_worker::adam::{Adam, AdamConfig};
 use rotsweep_worker::model::{seeded_var_builder, Model};
 use rotsweep_worker::recurrent::Recurrence;
@@ -84,6 +85,18 @@ struct AgentArgs {
     /// Exit after this many jobs.
     #[arg(long)]
     max_jobs: Option<usize>,
+    /// Seconds to wait for any one answer from the coordinator before
+    /// retrying on a new connection (calls about a leased job wait at most
+    /// a third of the lease).
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
+    rpc_timeout: f64,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,12 +225,6 @@ fn parse_kind(s: &str) -> Result<ModelKind, String> {
 }
 
 fn main() -> ExitCode {
-    // Output piped into `head` and the like: die quietly on a closed pipe,
-    // as other Unix tools do, instead of panicking inside `println!`.
-    // SAFETY: called first thing in main, before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     init_logging();
 
@@ -258,6 +265,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         exit_when_drained: !args.stay,
         checkpoint_root: args.checkpoint_root,
         max_jobs: args.max_jobs,
+        rpc_timeout: std::time::Duration::from_secs_f64(args.rpc_timeout),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -466,7 +474,7 @@ impl PrintHooks {
         match self.format {
             Format::Table => {
                 if !self.printed_header {
-                    println!(
+                    outln!(
                         "{:>5} {:>10} {:>9} {:>10} {:>9} {:>8} {:>9}",
                         "epoch",
                         "train_loss",
@@ -478,7 +486,7 @@ impl PrintHooks {
                     );
                     self.printed_header = true;
                 }
-                println!(
+                outln!(
                     "{:>5} {:>10.4} {:>9.4} {:>10.4} {:>9.4} {:>8.2} {:>9.1}",
                     report.epoch,
                     report.train_loss,
@@ -518,9 +526,9 @@ fn print_json<T: serde::Serialize>(kind: &str, value: &T) {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::Object(mut fields)) => {
             fields.insert("type".into(), kind.into());
-            println!("{}", serde_json::Value::Object(fields));
+            outln!("{}", serde_json::Value::Object(fields));
         }
-        Ok(other) => println!("{other}"),
+        Ok(other) => outln!("{other}"),
         Err(error) => tracing::error!(%error, "cannot serialise {kind}"),
     }
 }
@@ -528,7 +536,7 @@ fn print_json<T: serde::Serialize>(kind: &str, value: &T) {
 fn print_outcome(format: Format, outcome: &TrainOutcome) -> anyhow::Result<()> {
     match format {
         Format::Table => {
-            println!(
+            outln!(
                 "test accuracy {:.4} (loss {:.4}, n = {}, best epoch {} of {}{})",
                 outcome.test_accuracy,
                 outcome.test_loss,
@@ -628,7 +636,7 @@ fn run_summary(args: SummaryArgs) -> anyhow::Result<()> {
 
     match args.format {
         Format::Table => {
-            println!(
+            outln!(
                 "model {name} ({}), rotation {}: vocabulary {}, {} classes, sequence length {}",
                 model.kind.as_str(),
                 args.rotation,
@@ -636,9 +644,9 @@ fn run_summary(args: SummaryArgs) -> anyhow::Result<()> {
                 rotation.labels.len(),
                 rotation.max_len
             );
-            print!("{}", rotsweep_shared::architecture::to_table(&layers));
+            out!("{}", rotsweep_shared::architecture::to_table(&layers));
         }
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::json!({
                 "model": name,
@@ -705,7 +713,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         infer_ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
 
-    println!(
+    outln!(
         "{} L={} batch={} params={}: train {:.1} ms/step (median of {}), infer {:.1} ms/batch",
         args.kind.as_str(),
         args.len,
