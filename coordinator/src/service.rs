@@ -10,7 +10,9 @@ use rotsweep_shared::spec::SweepSpec;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
-use crate::store::{self, AttemptRef, Completion, EpochMetrics, LeaseOutcome, Store, StoreError};
+use crate::store::{
+    self, AttemptRef, Completion, EpochMetrics, FailCause, LeaseOutcome, Store, StoreError,
+};
 
 /// Largest accepted request or response message (4 MiB): a spec, a 46x46
 /// confusion matrix or a status table fit easily; anything bigger is refused.
@@ -429,13 +431,16 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let reason = req.reason.clone();
         let new_state = self
             .blocking(move |s| {
-                s.fail(
-                    &at,
-                    &req.reason,
-                    req.job_fault,
-                    req.release,
-                    store::now_ms(),
-                )
+                let cause = if req.release {
+                    FailCause::Release
+                } else if req.input_error {
+                    FailCause::Input
+                } else if req.job_fault {
+                    FailCause::Job
+                } else {
+                    FailCause::Infra
+                };
+                s.fail(&at, &req.reason, cause, store::now_ms())
             })
             .await?;
         tracing::warn!(job_id, attempt, state = new_state, error = %reason, "job attempt ended without a result");

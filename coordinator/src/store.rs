@@ -37,13 +37,10 @@
 //! completed job clears the streak. Lost leases do not count: a lost worker
 //! is not asking for work.
 //!
-//! FIXME(#3): a job whose own input is bad (e.g. a label only in its test
-//! fold) fails on every worker, yet still counts toward the streak of the
-//! worker that tried it; `submit` and `run` now check the data first, but a
-//! worker that sees different data can still be quarantined for the sweep's
-//! fault. Counting a failure against the worker only when the same job has
-//! not also failed elsewhere (or a separate "input error" flag in FailJob)
-//! would fix it.
+//! An input error (the worker found the job's own data or model invalid in
+//! a way every worker would: a malformed fold line, a label unseen in
+//! training) fails the job at once and does not count toward the streak:
+//! the sweep is at fault, not the worker.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -214,6 +211,21 @@ pub struct WorkerView {
     pub consecutive_failures: u32,
     /// Seconds of quarantine left (0 when not quarantined).
     pub quarantine_seconds_left: f64,
+}
+
+/// Why an attempt ended without a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailCause {
+    /// Infrastructure trouble the worker noticed (not the job's fault).
+    Infra,
+    /// The job failed (an error, a non-finite loss, out of memory): it
+    /// counts against the attempt limit and the worker's streak.
+    Job,
+    /// The job's own input is invalid for every worker: it fails at once.
+    Input,
+    /// The worker stopped after a checkpoint: back to the queue, no
+    /// attempt used.
+    Release,
 }
 
 /// The triple that identifies one attempt of a job.
@@ -912,15 +924,17 @@ impl Store {
     /// (graceful worker shutdown) always re-queues and does not count
     /// against the attempt limit. In a cancelled sweep the job becomes
     /// CANCELLED and nothing is counted as a failure. A job fault extends
-    /// the worker's failure streak and may quarantine it.
+    /// the worker's failure streak and may quarantine it; an input error
+    /// fails the job at once and leaves the worker's record alone.
     pub fn fail(
         &self,
         at: &AttemptRef,
         reason: &str,
-        job_fault: bool,
-        release: bool,
+        cause: FailCause,
         now: i64,
     ) -> StoreResult<&'static str> {
+        let release = cause == FailCause::Release;
+        let job_fault = matches!(cause, FailCause::Job | FailCause::Input);
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let cancelled = check_fence(&tx, at)?;
@@ -949,11 +963,12 @@ impl Store {
             tx.commit()?;
             return Ok(state::CANCELLED);
         }
-        let new_state = if at.attempt.saturating_sub(released) >= max_attempts {
-            state::FAILED
-        } else {
-            state::PENDING
-        };
+        let new_state =
+            if cause == FailCause::Input || at.attempt.saturating_sub(released) >= max_attempts {
+                state::FAILED
+            } else {
+                state::PENDING
+            };
         let counter = if job_fault {
             "job_failures"
         } else {
@@ -966,7 +981,9 @@ impl Store {
             ),
             params![new_state, reason, run_ms, at.job_id],
         )?;
-        if job_fault {
+        if cause == FailCause::Input {
+            // The sweep's fault: the worker's record stays as it was.
+        } else if job_fault {
             let policy = self.quarantine;
             let until = (policy.after > 0).then_some(now + policy.cool_down_ms);
             tx.execute(
@@ -1631,13 +1648,15 @@ mod tests {
         store.submit(&spec("s", 1), false).unwrap();
         let l1 = leased(store.lease("w", None, 0, 1000).unwrap());
         assert_eq!(
-            store.fail(&at(&l1), "boom", true, false, 5).unwrap(),
+            store.fail(&at(&l1), "boom", FailCause::Job, 5).unwrap(),
             state::PENDING
         );
         let l2 = leased(store.lease("w", None, 10, 1000).unwrap());
         assert_eq!((l2.job_id, l2.attempt), (l1.job_id, 2));
         assert_eq!(
-            store.fail(&at(&l2), "boom again", true, false, 20).unwrap(),
+            store
+                .fail(&at(&l2), "boom again", FailCause::Job, 20)
+                .unwrap(),
             state::FAILED
         );
         let jobs = store.jobs("s", 30).unwrap();
@@ -1728,7 +1747,9 @@ mod tests {
         store.submit(&spec("s", 1), false).unwrap();
         let l = leased(store.lease("w", None, 0, 1000).unwrap());
         store.cancel("s").unwrap();
-        store.fail(&at(&l), "cancelled", false, false, 1).unwrap();
+        store
+            .fail(&at(&l), "cancelled", FailCause::Infra, 1)
+            .unwrap();
         assert_eq!(store.resume("s", &[state::CANCELLED]).unwrap(), 4);
         let again = leased(store.lease("w", None, 2, 1000).unwrap());
         assert!(again.attempt >= 1);
@@ -1743,12 +1764,12 @@ mod tests {
         });
         store.submit(&spec("s", 1), false).unwrap();
         let a = leased(store.lease("bad", None, 0, 100).unwrap());
-        store.fail(&at(&a), "nan", true, false, 1).unwrap();
+        store.fail(&at(&a), "nan", FailCause::Job, 1).unwrap();
         // An infrastructure failure neither counts nor breaks the streak.
         let b = leased(store.lease("bad", None, 2, 100).unwrap());
-        store.fail(&at(&b), "lost", false, false, 3).unwrap();
+        store.fail(&at(&b), "lost", FailCause::Infra, 3).unwrap();
         let c = leased(store.lease("bad", None, 4, 100).unwrap());
-        store.fail(&at(&c), "nan", true, false, 5).unwrap();
+        store.fail(&at(&c), "nan", FailCause::Job, 5).unwrap();
 
         match store.lease("bad", None, 6, 100).unwrap() {
             LeaseOutcome::Quarantined { until_ms, reason } => {
@@ -1783,7 +1804,7 @@ mod tests {
         // After the cool-down one more failure quarantines it again at once;
         // a completed job clears the streak.
         let e = leased(store.lease("bad", None, 1006, 100).unwrap());
-        store.fail(&at(&e), "nan", true, false, 1007).unwrap();
+        store.fail(&at(&e), "nan", FailCause::Job, 1007).unwrap();
         assert!(matches!(
             store.lease("bad", None, 1008, 100).unwrap(),
             LeaseOutcome::Quarantined { .. }
@@ -1791,6 +1812,41 @@ mod tests {
         let f = leased(store.lease("bad", None, 3000, 100).unwrap());
         store.complete(&at(&f), &completion(0.5), 3001).unwrap();
         assert_eq!(view("bad").consecutive_failures, 0);
+    }
+
+    /// Regression (#3): a job with bad input (here: reported as such) used
+    /// to count toward the streak of every worker that tried it, so a
+    /// healthy worker was quarantined for the sweep's fault.
+    #[test]
+    fn an_input_error_fails_the_job_at_once_and_leaves_the_worker_alone() {
+        let store = temp_store("input").with_quarantine(QuarantinePolicy {
+            after: 1,
+            cool_down_ms: 1000,
+        });
+        store.submit(&spec("s", 1), false).unwrap();
+        let a = leased(store.lease("w", None, 0, 100).unwrap());
+        let reason = "label `X` at pfam_fold_4.csv:7 does not occur in the training folds";
+        let new_state = store.fail(&at(&a), reason, FailCause::Input, 1).unwrap();
+        // Attempt 1 of 2, yet FAILED: another attempt would fail the same way.
+        assert_eq!(new_state, state::FAILED);
+        let job = store
+            .jobs("s", 2)
+            .unwrap()
+            .into_iter()
+            .find(|j| j.job_id == a.job_id)
+            .unwrap();
+        assert_eq!((job.job_failures, job.infra_failures), (1, 0));
+        assert_eq!(job.last_error, reason);
+        // Not quarantined although the policy quarantines after one failure.
+        let b = leased(store.lease("w", None, 3, 100).unwrap());
+        let w = store.workers("s", 4).unwrap().remove(0);
+        assert_eq!((w.n_job_failures, w.consecutive_failures), (0, 0));
+        // The same failure as a job fault would have quarantined it.
+        store.fail(&at(&b), "nan", FailCause::Job, 5).unwrap();
+        assert!(matches!(
+            store.lease("w", None, 6, 100).unwrap(),
+            LeaseOutcome::Quarantined { .. }
+        ));
     }
 
     #[test]
@@ -1804,7 +1860,9 @@ mod tests {
         for _ in 0..4 {
             leases.push(leased(store.lease("w", None, 0, 100).unwrap()));
         }
-        store.fail(&at(&leases[0]), "nan", true, false, 1).unwrap();
+        store
+            .fail(&at(&leases[0]), "nan", FailCause::Job, 1)
+            .unwrap();
         for l in &leases[1..] {
             store.complete(&at(l), &completion(0.5), 1).unwrap();
         }
@@ -1882,7 +1940,9 @@ mod tests {
         assert_eq!(store.cancel("s").unwrap(), (3, 1));
         assert!(store.heartbeat(&at(&l), 1, 1000).unwrap());
         assert_eq!(store.lease("w", None, 2, 1000).unwrap(), LeaseOutcome::Wait);
-        store.fail(&at(&l), "cancelled", false, false, 3).unwrap();
+        store
+            .fail(&at(&l), "cancelled", FailCause::Infra, 3)
+            .unwrap();
         assert!(store.is_finished("s").unwrap());
         let jobs = store.jobs("s", 4).unwrap();
         assert!(jobs.iter().all(|j| j.state == state::CANCELLED));
@@ -1898,7 +1958,9 @@ mod tests {
     }
 
     fn release(store: &Store, l: &Lease, now: i64) {
-        store.fail(&at(l), "released", false, true, now).unwrap();
+        store
+            .fail(&at(l), "released", FailCause::Release, now)
+            .unwrap();
     }
 
     #[test]
@@ -1941,7 +2003,7 @@ mod tests {
                         b.token.clone()
                     },
                 };
-                store.fail(&l, "cancelled", false, false, 4).unwrap();
+                store.fail(&l, "cancelled", FailCause::Infra, 4).unwrap();
             }
         }
         assert_eq!(store.resume("s", &[state::CANCELLED]).unwrap(), 4);

@@ -87,5 +87,24 @@ pub enum Error {
     Result(String),
 }
 
+impl Error {
+    /// True when the content itself is wrong (a malformed line, an unseen
+    /// label, an invalid key), so every reader of the same files fails the
+    /// same way; false when a file could not be read or found, which may be
+    /// one machine's trouble.
+    pub fn is_invalid_content(&self) -> bool {
+        match self {
+            Error::Io { .. } | Error::MissingFold { .. } => false,
+            Error::SpecParse { .. }
+            | Error::SpecInvalid { .. }
+            | Error::Csv { .. }
+            | Error::EmptyFold { .. }
+            | Error::UnseenLabel { .. }
+            | Error::Rotation { .. }
+            | Error::Result(_) => true,
+        }
+    }
+}
+
 /// Result alias of the shared crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -687,8 +687,8 @@ fn the_concurrency_cap_holds_across_a_coordinator_restart() -> anyhow::Result<()
                 lease_token: first.lease_token.clone(),
             }),
             reason: "released by the test".into(),
-            job_fault: false,
             release: true,
+            ..Default::default()
         })
         .await?;
         let third = lease(&mut c, "w2", "capped").await;

@@ -14,7 +14,8 @@
 //! - the worker's connection is cut and black-holed by a proxy, then healed
 //!   (scenario 6);
 //! - a job that always fails ends FAILED and the worker failing in a loop
-//!   is quarantined (scenario 7);
+//!   is quarantined (scenario 7), while bad input that only a worker finds
+//!   fails its job at once and quarantines no one;
 //! - cancel, then resume (scenario 8);
 //! - SIGTERM to a worker: it checkpoints, releases its lease and exits 0,
 //!   and the job is re-leased at once (graceful stop).
@@ -1157,6 +1158,96 @@ fn a_job_that_always_fails_ends_failed_and_a_worker_failing_in_a_loop_is_quarant
             boom["infra_failures"].as_u64()
         ),
         (Some(2), Some(0))
+    );
+    rig.passed();
+    Ok(())
+}
+
+/// Bad input that only a worker finds (the sweep was submitted with
+/// `--no-data-check`, or the data changed after submission): each job
+/// fails at its first attempt with the file and line, and the worker is
+/// not quarantined for the sweep's fault, even with a policy that
+/// quarantines after one failure.
+#[test]
+fn bad_input_found_by_a_worker_fails_the_job_at_once_without_quarantine() -> anyhow::Result<()> {
+    let rig = Rig::new(
+        "input",
+        10.0,
+        &["--quarantine-after", "1", "--quarantine-secs", "600"],
+    )?;
+    let data = rig.dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    for k in 0..5 {
+        std::fs::copy(
+            repo_root().join(format!("examples/data/pfam-real/pfam_fold_{k}.csv")),
+            data.join(format!("pfam_fold_{k}.csv")),
+        )?;
+    }
+    // Rotation 0 tests on fold 4: a label no training fold has.
+    let mut fold4 = std::fs::read_to_string(data.join("pfam_fold_4.csv"))?;
+    fold4.push_str("MKVLAAGIVGLLLAQ,OnlyInTest\n");
+    std::fs::write(data.join("pfam_fold_4.csv"), &fold4)?;
+    let line = fold4.lines().count();
+    let spec = write_spec(
+        &rig.dir,
+        "input",
+        &[("gru", "gru", ""), ("rnn", "rnn", "")],
+        &[0],
+        "epochs = 1\nsteps_per_epoch = 2\nmax_attempts = 3",
+    );
+    let text = std::fs::read_to_string(&spec)?.replace(
+        &repo_root()
+            .join("examples/data/pfam-real")
+            .display()
+            .to_string(),
+        &data.display().to_string(),
+    );
+    std::fs::write(&spec, text)?;
+    let (code, _, err) = cli(
+        &[
+            "submit",
+            spec.to_str().context("a UTF-8 path")?,
+            "--coordinator",
+            &rig.server.url,
+            "--no-data-check",
+        ],
+        Some(TOKEN),
+    )?;
+    ensure!(code == 0, "submit failed: {err}");
+
+    // One worker takes both jobs: a quarantine after the first would have
+    // kept it from the second, and the queue would not drain.
+    let mut w0 = rig.worker("w0", "input")?;
+    rig.exits_cleanly(&mut w0)?;
+    let status = rig.status("input")?;
+    assert_eq!(status.jobs.len(), 2);
+    for j in &status.jobs {
+        assert_eq!(
+            (
+                j.state.as_str(),
+                j.attempt,
+                j.job_failures,
+                j.infra_failures
+            ),
+            ("FAILED", 1, 1, 0),
+            "{j:?}"
+        );
+        assert!(
+            j.last_error.contains(&format!("pfam_fold_4.csv:{line}"))
+                && j.last_error.contains("`OnlyInTest`"),
+            "{j:?}"
+        );
+    }
+    let w = &status.workers[0];
+    assert_eq!(
+        (
+            w.worker_id.as_str(),
+            w.quarantined,
+            w.consecutive_failures,
+            w.n_job_failures
+        ),
+        ("w0", false, 0, 0),
+        "{w:?}"
     );
     rig.passed();
     Ok(())

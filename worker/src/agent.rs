@@ -376,15 +376,16 @@ async fn run_job(
     let ttl = Duration::from_millis(u64::from(job.lease_ttl_ms.max(300)));
     let link = &link.with_deadline(job_deadline(ttl, cfg.rpc_timeout));
 
-    // Everything about the job that can be wrong with its input is the job's
-    // fault: report it so the coordinator stops re-queueing it blindly.
-    let prepared = prepare(cfg, &job, device);
-    let (train_cfg, spec) = match prepared {
+    // A job that cannot start is reported at once so the coordinator stops
+    // re-queueing it blindly: an invalid spec or model fails it for good, a
+    // checkpoint folder this worker cannot create counts as this attempt's
+    // failure.
+    let (train_cfg, spec) = match prepare(cfg, &job, device) {
         Ok(p) => p,
-        Err(e) => {
+        Err((e, fault)) => {
             let reason = format!("{e:#}");
             tracing::error!(error = %reason, "job cannot start");
-            fail(link, &job_ref, &reason, true, false).await;
+            fail(link, &job_ref, &reason, fault).await;
             return Ok(());
         }
     };
@@ -487,35 +488,45 @@ async fn finish_job(
         Err(crate::Error::Interrupted { epoch, steps_done }) => {
             if flags.cancelled.load(Ordering::SeqCst) {
                 tracing::info!(epoch, "job cancelled");
-                fail(link, job_ref, "cancelled", false, false).await;
+                fail(link, job_ref, "cancelled", Fault::Infra).await;
             } else {
                 tracing::info!(epoch, steps_done, "job released after checkpoint");
                 let reason = format!(
                     "worker {} stopped in epoch {epoch}; released",
                     cfg.worker_id
                 );
-                fail(link, job_ref, &reason, false, true).await;
+                fail(link, job_ref, &reason, Fault::Release).await;
             }
         }
         Err(e) => {
             let reason = format!("{e}");
-            tracing::error!(error = %reason, "job failed");
-            fail(link, job_ref, &reason, true, false).await;
+            let fault = if e.is_invalid_input() {
+                Fault::Input
+            } else {
+                Fault::Job
+            };
+            tracing::error!(error = %reason, ?fault, "job failed");
+            fail(link, job_ref, &reason, fault).await;
         }
     }
 }
 
-/// Builds the training configuration of a lease.
+/// Builds the training configuration of a lease, or says why it cannot
+/// and whose fault that is.
 fn prepare(
     cfg: &AgentConfig,
     job: &pb::JobLease,
     device: candle_core::Device,
-) -> anyhow::Result<(TrainConfig, SweepSpec)> {
-    let spec = SweepSpec::from_json(&job.spec_json).context("the leased spec is invalid")?;
+) -> Result<(TrainConfig, SweepSpec), (anyhow::Error, Fault)> {
+    let input = |e: anyhow::Error| (e, Fault::Input);
+    let spec = SweepSpec::from_json(&job.spec_json)
+        .context("the leased spec is invalid")
+        .map_err(input)?;
     let model = spec
         .models
         .get(&job.model)
-        .with_context(|| format!("the spec has no model `{}`", job.model))?
+        .with_context(|| format!("the spec has no model `{}`", job.model))
+        .map_err(input)?
         .clone();
     let job_dir = match (&cfg.checkpoint_root, job.checkpoint_dir.is_empty()) {
         (Some(root), _) => Some(root.join(format!("job-{}", job.job_id))),
@@ -523,7 +534,7 @@ fn prepare(
         (None, true) => None,
     };
     let checkpoint_dir = match &job_dir {
-        Some(dir) => Some(attempt_folder(dir, job.attempt)?),
+        Some(dir) => Some(attempt_folder(dir, job.attempt).map_err(|e| (e, Fault::Job))?),
         None => None,
     };
     Ok((
@@ -739,12 +750,26 @@ async fn complete(link: &Link, job_ref: &pb::JobRef, outcome: &TrainOutcome) -> 
     }
 }
 
-async fn fail(link: &Link, job_ref: &pb::JobRef, reason: &str, job_fault: bool, release: bool) {
+/// Why an attempt ends without a result, as told to the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Not the job's fault (the sweep was cancelled).
+    Infra,
+    /// The job failed on this worker (an error, a non-finite loss).
+    Job,
+    /// The job's own input is invalid for every worker.
+    Input,
+    /// The worker stopped after a checkpoint.
+    Release,
+}
+
+async fn fail(link: &Link, job_ref: &pb::JobRef, reason: &str, fault: Fault) {
     let request = pb::FailJobRequest {
         job: Some(job_ref.clone()),
         reason: reason.to_string(),
-        job_fault,
-        release,
+        job_fault: matches!(fault, Fault::Job | Fault::Input),
+        release: fault == Fault::Release,
+        input_error: fault == Fault::Input,
     };
     if let Err(status) = with_retry("FailJob", link, None, |mut c| {
         let request = request.clone();

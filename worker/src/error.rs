@@ -83,5 +83,22 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// True when the job's own input (data or model settings) is invalid in
+    /// a way every worker would find: retrying it elsewhere cannot help.
+    pub fn is_invalid_input(&self) -> bool {
+        match self {
+            Error::Data(e) => e.is_invalid_content(),
+            Error::SequenceTooShort { .. } | Error::InvalidModel(_) | Error::InvalidData(_) => true,
+            Error::Candle(_)
+            | Error::Io { .. }
+            | Error::Device { .. }
+            | Error::NonFiniteLoss { .. }
+            | Error::Interrupted { .. }
+            | Error::Checkpoint { .. } => false,
+        }
+    }
+}
+
 /// Result alias of the worker library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -620,9 +620,11 @@ impl<'a> Job<'a> {
             progress,
             has_best: self.best_weights.is_some(),
         };
-        let json = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| Error::InvalidData(format!("checkpoint does not serialise: {e}")))?;
         let meta_path = dir.join(CHECKPOINT_FILE);
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Checkpoint {
+            path: meta_path.clone(),
+            message: format!("does not serialise: {e}"),
+        })?;
         write_atomic(&meta_path, |tmp| {
             std::fs::write(tmp, &json).map_err(|source| Error::Io {
                 path: tmp.to_path_buf(),
