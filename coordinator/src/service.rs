@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rotsweep_proto as pb;
 use rotsweep_shared::spec::SweepSpec;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::store::{
@@ -83,6 +83,68 @@ pub struct CoordinatorService {
     store: Arc<Store>,
     config: ServiceConfig,
     events: broadcast::Sender<Event>,
+    reports: ReportQueue,
+}
+
+/// Most reports stored by one group commit.
+const MAX_GROUP: usize = 512;
+
+type ReportAnswer = oneshot::Sender<Result<(bool, bool), StoreError>>;
+
+/// Epoch reports on their way to the store, committed in groups.
+///
+/// One thread owns the writing: it takes every report that queued up while
+/// the previous group was committing and stores them in one transaction
+/// ([`Store::report_epochs`]), then answers each RPC. An idle coordinator
+/// commits a lone report at once; a busy one pays one commit per group
+/// instead of one per report. An answer is sent only after its group
+/// committed, so an acknowledged report is as durable as before.
+#[derive(Clone)]
+struct ReportQueue {
+    tx: std::sync::mpsc::Sender<(store::Report, ReportAnswer)>,
+}
+
+impl ReportQueue {
+    fn start(store: Arc<Store>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<(store::Report, ReportAnswer)>();
+        let spawned = std::thread::Builder::new()
+            .name("report-writer".into())
+            .spawn(move || {
+                // Ends when the service and every clone of its queue are gone.
+                while let Ok(first) = rx.recv() {
+                    let mut group = vec![first];
+                    while group.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(next) => group.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    let (reports, answers): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+                    let results = store.report_epochs(&reports);
+                    for (answer, result) in answers.into_iter().zip(results) {
+                        // The caller may have gone (deadline); nothing to do.
+                        let _ = answer.send(result);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Without the thread every report is answered UNAVAILABLE (the
+            // receiver is dropped with the failed closure).
+            tracing::error!(error = %e, "cannot start the report writer thread");
+        }
+        Self { tx }
+    }
+
+    async fn store(&self, report: store::Report) -> Result<(bool, bool), Status> {
+        let (answer, answered) = oneshot::channel();
+        self.tx
+            .send((report, answer))
+            .map_err(|_| Status::unavailable("the report writer has stopped"))?;
+        answered
+            .await
+            .map_err(|_| Status::internal("the report writer dropped a report"))?
+            .map_err(to_status)
+    }
 }
 
 /// Maps a store error to the gRPC code callers can act on.
@@ -93,6 +155,7 @@ pub fn to_status(e: StoreError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
         StoreError::Db(ref db) if is_busy(db) => Status::unavailable(e.to_string()),
         StoreError::Db(_) | StoreError::Dir { .. } => {
             tracing::error!(error = %e, "store failure");
@@ -146,10 +209,12 @@ impl CoordinatorService {
     /// A service over `store`.
     pub fn new(store: Arc<Store>, config: ServiceConfig) -> Self {
         let (events, _) = broadcast::channel(4096);
+        let reports = ReportQueue::start(store.clone());
         Self {
             store,
             config,
             events,
+            reports,
         }
     }
 
@@ -353,7 +418,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let ttl = self.ttl_ms();
         let (job_id, attempt) = (at.job_id, at.attempt);
         let (stored, cancel) = self
-            .blocking(move |s| s.report_epoch(&at, &metrics, store::now_ms(), ttl))
+            .reports
+            .store(store::Report {
+                at,
+                metrics,
+                now: store::now_ms(),
+                ttl_ms: ttl,
+            })
             .await?;
         tracing::debug!(
             job_id,

@@ -19,7 +19,7 @@
 //! Scheduling: a lease takes the pending job with the largest expected cost
 //! first, estimated at submit time from the model kind, sequence length,
 //! steps and epochs, and refined from measured seconds per epoch as epochs
-//! are reported (see `refine_costs`). A sweep's `max_concurrent_jobs` is
+//! are reported (see `reprice`). A sweep's `max_concurrent_jobs` is
 //! stored with the sweep and counted against its RUNNING jobs at each lease,
 //! so it holds across `resume` and coordinator restarts.
 //!
@@ -110,6 +110,10 @@ pub enum StoreError {
     /// The input is invalid.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A group commit failed; nothing of the group was stored and the
+    /// caller may retry.
+    #[error("not stored, retry: {0}")]
+    Unavailable(String),
 }
 
 /// Result alias of the store.
@@ -348,7 +352,11 @@ pub struct JobView {
 
 /// The SQLite-backed store.
 pub struct Store {
+    /// The one connection that writes.
     conn: Mutex<Connection>,
+    /// A read-only connection for queries (`None` when `conn` is itself
+    /// read-only).
+    reader: Option<Mutex<Connection>>,
     path: PathBuf,
     quarantine: QuarantinePolicy,
     /// Leases expired inside [`Store::lease`], not yet handed to
@@ -426,6 +434,14 @@ CREATE TABLE IF NOT EXISTS workers (
     quarantined_until_ms  INTEGER,
     last_seen_ms          INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS model_costs (
+    sweep_id     INTEGER NOT NULL REFERENCES sweeps(id),
+    model        TEXT NOT NULL,
+    n            INTEGER NOT NULL,
+    sum_seconds  REAL NOT NULL,
+    base_cost    REAL NOT NULL,
+    PRIMARY KEY (sweep_id, model)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts (
     job_id      INTEGER NOT NULL REFERENCES jobs(id),
     attempt     INTEGER NOT NULL,
@@ -477,7 +493,21 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let had_costs: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'model_costs'",
+            [],
+            |r| r.get(0),
+        )?;
         conn.execute_batch(SCHEMA)?;
+        if !had_costs {
+            // Databases made before the running per-model epoch times.
+            conn.execute_batch(
+                "INSERT OR IGNORE INTO model_costs (sweep_id, model, n, sum_seconds, base_cost) \
+                 SELECT j.sweep_id, j.model, COUNT(*), SUM(e.seconds), MAX(j.base_cost) \
+                 FROM epochs e JOIN jobs j ON j.id = e.job_id \
+                 WHERE e.seconds > 0 AND j.base_cost > 0 GROUP BY j.sweep_id, j.model",
+            )?;
+        }
         // Databases made before layer tables were stored lack the column.
         if !has_column(&conn, "results", "layers_json")? {
             conn.execute_batch(
@@ -494,8 +524,17 @@ impl Store {
                  UPDATE jobs SET base_cost = cost WHERE base_cost IS NULL;",
             )?;
         }
+        // Queries read through their own connection, so a status call never
+        // waits for a write transaction (WAL lets readers and one writer
+        // overlap).
+        let reader = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(std::time::Duration::from_secs(10))?;
         Ok(Self {
             conn: Mutex::new(conn),
+            reader: Some(Mutex::new(reader)),
             path,
             quarantine: QuarantinePolicy::default(),
             expired: Mutex::new(Vec::new()),
@@ -527,6 +566,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         Ok(Self {
             conn: Mutex::new(conn),
+            reader: None,
             path,
             quarantine: QuarantinePolicy::default(),
             expired: Mutex::new(Vec::new()),
@@ -542,6 +582,14 @@ impl Store {
         // A panic while holding the lock leaves SQLite consistent (the open
         // transaction is rolled back on drop), so a poisoned lock is usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection for queries that only read.
+    fn read(&self) -> std::sync::MutexGuard<'_, Connection> {
+        match &self.reader {
+            Some(reader) => reader.lock().unwrap_or_else(|p| p.into_inner()),
+            None => self.lock(),
+        }
     }
 
     /// Stores a spec and its job grid. The identical spec under the same name
@@ -640,7 +688,7 @@ impl Store {
     }
 
     /// Leases the queued job with the largest expected cost (see
-    /// [`refine_costs`]), skipping sweeps that already run their
+    /// [`reprice`]), skipping sweeps that already run their
     /// `max_concurrent_jobs`.
     pub fn lease(
         &self,
@@ -790,57 +838,48 @@ impl Store {
         now: i64,
         ttl_ms: i64,
     ) -> StoreResult<(bool, bool)> {
-        if m.epoch == 0 {
-            return Err(StoreError::Invalid("epoch numbers start at 1".into()));
-        }
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let cancelled = check_fence(&tx, at)?;
-        let n = tx.execute(
-            "INSERT OR IGNORE INTO epochs (job_id, attempt, epoch, train_loss, train_accuracy, \
-             val_loss, val_accuracy, seconds, examples_per_second) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                at.job_id,
-                at.attempt,
-                m.epoch,
-                m.train_loss,
-                m.train_accuracy,
-                m.val_loss,
-                m.val_accuracy,
-                m.seconds,
-                m.examples_per_second
-            ],
-        )?;
-
-        // Keep the status columns (last epoch, best monitored metric) current.
-        let monitor: String = tx.query_row(
-            "SELECT s.monitor FROM sweeps s JOIN jobs j ON j.sweep_id = s.id WHERE j.id = ?1",
-            [at.job_id],
-            |r| r.get(0),
-        )?;
-        let best_sql = if monitor == "val_loss" {
-            "MIN(val_loss)"
-        } else {
-            "MAX(val_accuracy)"
+        let report = Report {
+            at: at.clone(),
+            metrics: *m,
+            now,
+            ttl_ms,
         };
-        let (last_epoch, best): (Option<u32>, Option<f64>) = tx.query_row(
-            &format!(
-                "SELECT MAX(epoch), {best_sql} FROM epochs e WHERE job_id = ?1 AND {VISIBLE_EPOCHS}"
-            ),
-            [at.job_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        tx.execute(
-            "UPDATE jobs SET last_epoch = ?1, best_metric = ?2, lease_deadline_ms = ?3 \
-             WHERE id = ?4",
-            params![last_epoch.unwrap_or(0), best, now + ttl_ms, at.job_id],
-        )?;
-        if n == 1 {
-            refine_costs(&tx, at.job_id)?;
+        self.report_epochs(std::slice::from_ref(&report))
+            .pop()
+            .expect("one answer per report")
+    }
+
+    /// Stores a group of epoch reports in one transaction (group commit):
+    /// one answer per report, in order, each as [`Store::report_epoch`]
+    /// would give it. A refused report (stale, invalid) is rolled back to
+    /// its savepoint and does not affect the others; if the commit itself
+    /// fails, every report gets the error and nothing is stored.
+    pub fn report_epochs(&self, reports: &[Report]) -> Vec<StoreResult<(bool, bool)>> {
+        let mut conn = self.lock();
+        let mut answers = Vec::with_capacity(reports.len());
+        let committed = (|| -> StoreResult<()> {
+            let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for r in reports {
+                let sp = tx.savepoint()?;
+                let answer = store_report(&sp, r);
+                if answer.is_ok() {
+                    sp.commit()?;
+                }
+                answers.push(answer);
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        match committed {
+            Ok(()) => answers,
+            Err(e) => {
+                let why = e.to_string();
+                reports
+                    .iter()
+                    .map(|_| Err(StoreError::Unavailable(why.clone())))
+                    .collect()
+            }
         }
-        tx.commit()?;
-        Ok((n == 1, cancelled))
     }
 
     /// Stores a job's test result and ends its lease: COMPLETED, or INVALID
@@ -1056,7 +1095,7 @@ impl Store {
 
     /// Names of all sweeps, oldest first.
     pub fn sweeps(&self) -> StoreResult<Vec<String>> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare("SELECT name FROM sweeps ORDER BY id")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1064,7 +1103,7 @@ impl Store {
 
     /// The stored spec of a sweep.
     pub fn spec_json(&self, sweep: &str) -> StoreResult<String> {
-        let conn = self.lock();
+        let conn = self.read();
         conn.query_row(
             "SELECT spec_json FROM sweeps WHERE name = ?1",
             [sweep],
@@ -1076,7 +1115,7 @@ impl Store {
 
     /// Every job of a sweep, by id.
     pub fn jobs(&self, sweep: &str, now: i64) -> StoreResult<Vec<JobView>> {
-        let conn = self.lock();
+        let conn = self.read();
         let sweep_id = sweep_id_in(&conn, sweep)?;
         let mut stmt = conn.prepare(
             "SELECT j.id, j.model, j.kind, j.rotation, j.state, j.attempt, j.worker_id, \
@@ -1117,7 +1156,7 @@ impl Store {
     /// The workers that held a lease on a job of `sweep`, by name, with
     /// their failure counts and quarantine state (over all sweeps).
     pub fn workers(&self, sweep: &str, now: i64) -> StoreResult<Vec<WorkerView>> {
-        let conn = self.lock();
+        let conn = self.read();
         let sweep_id = sweep_id_in(&conn, sweep)?;
         let mut stmt = conn.prepare(
             "SELECT w.worker_id, w.n_completed, w.n_job_failures, w.n_infra_failures, \
@@ -1142,7 +1181,7 @@ impl Store {
 
     /// Visible epoch rows of a sweep: one per (job, epoch), by job then epoch.
     pub fn epochs(&self, sweep: &str) -> StoreResult<Vec<EpochRow>> {
-        let conn = self.lock();
+        let conn = self.read();
         let sweep_id = sweep_id_in(&conn, sweep)?;
         let mut stmt = conn.prepare(&format!(
             "SELECT e.job_id, j.model, j.rotation, e.attempt, e.epoch, e.train_loss, \
@@ -1175,7 +1214,7 @@ impl Store {
 
     /// The cross-rotation summary of a sweep (partial while it runs).
     pub fn summary(&self, sweep: &str) -> StoreResult<Summary> {
-        let conn = self.lock();
+        let conn = self.read();
         let sweep_id = sweep_id_in(&conn, sweep)?;
 
         let mut grid: Vec<GridModel> = Vec::new();
@@ -1247,7 +1286,7 @@ impl Store {
 
     /// Every stored result of a sweep (COMPLETED and INVALID jobs), by job.
     pub fn results(&self, sweep: &str) -> StoreResult<Vec<ResultRow>> {
-        let conn = self.lock();
+        let conn = self.read();
         let sweep_id = sweep_id_in(&conn, sweep)?;
         // A read-only open of an old database has no layers_json column.
         let layers = if has_column(&conn, "results", "layers_json")? {
@@ -1315,7 +1354,7 @@ impl Store {
 
     /// True when every job of the sweep is in a final state.
     pub fn is_finished(&self, sweep: &str) -> StoreResult<bool> {
-        let conn = self.lock();
+        let conn = self.read();
         let sweep_id = sweep_id_in(&conn, sweep)?;
         let open: i64 = conn.query_row(
             "SELECT COUNT(*) FROM jobs WHERE sweep_id = ?1 AND state IN ('PENDING', 'RUNNING')",
@@ -1326,8 +1365,106 @@ impl Store {
     }
 }
 
-/// Re-estimates the cost of every job of `job_id`'s sweep whose model has
-/// measured epochs.
+/// One epoch report of a group commit ([`Store::report_epochs`]).
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The attempt that reports.
+    pub at: AttemptRef,
+    /// Its metrics.
+    pub metrics: EpochMetrics,
+    /// When the report arrived (ms since the Unix epoch).
+    pub now: i64,
+    /// Lease time the report renews.
+    pub ttl_ms: i64,
+}
+
+/// Stores one report inside an open transaction; see
+/// [`Store::report_epoch`].
+fn store_report(conn: &Connection, r: &Report) -> StoreResult<(bool, bool)> {
+    let (at, m) = (&r.at, &r.metrics);
+    if m.epoch == 0 {
+        return Err(StoreError::Invalid("epoch numbers start at 1".into()));
+    }
+    let cancelled = check_fence(conn, at)?;
+    let n = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO epochs (job_id, attempt, epoch, train_loss, train_accuracy, \
+             val_loss, val_accuracy, seconds, examples_per_second) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![
+            at.job_id,
+            at.attempt,
+            m.epoch,
+            m.train_loss,
+            m.train_accuracy,
+            m.val_loss,
+            m.val_accuracy,
+            m.seconds,
+            m.examples_per_second
+        ])?;
+
+    // Keep the status columns (last epoch, best monitored metric) current.
+    // A job has at most a few hundred rows, and the primary key finds them.
+    let monitor: String = conn
+        .prepare_cached(
+            "SELECT s.monitor FROM sweeps s JOIN jobs j ON j.sweep_id = s.id WHERE j.id = ?1",
+        )?
+        .query_row([at.job_id], |r| r.get(0))?;
+    let best_sql = if monitor == "val_loss" {
+        "MIN(val_loss)"
+    } else {
+        "MAX(val_accuracy)"
+    };
+    let (last_epoch, best): (Option<u32>, Option<f64>) = conn
+        .prepare_cached(&format!(
+            "SELECT MAX(epoch), {best_sql} FROM epochs e WHERE job_id = ?1 AND {VISIBLE_EPOCHS}"
+        ))?
+        .query_row([at.job_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    conn.prepare_cached(
+        "UPDATE jobs SET last_epoch = ?1, best_metric = ?2, lease_deadline_ms = ?3 WHERE id = ?4",
+    )?
+    .execute(params![
+        last_epoch.unwrap_or(0),
+        best,
+        r.now + r.ttl_ms,
+        at.job_id
+    ])?;
+    if n == 1 {
+        note_epoch_time(conn, at.job_id, m.seconds)?;
+    }
+    Ok((n == 1, cancelled))
+}
+
+/// Adds one measured epoch time to its model's running totals, and
+/// re-prices the sweep's queue when that model's count of measured epochs
+/// reaches a power of two. Per report this is O(1); the queue is re-priced
+/// O(log n) times per model, as its mean settles.
+fn note_epoch_time(conn: &Connection, job_id: i64, seconds: f64) -> StoreResult<()> {
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Ok(());
+    }
+    let (sweep_id, model, base_cost): (i64, String, Option<f64>) = conn
+        .prepare_cached("SELECT sweep_id, model, base_cost FROM jobs WHERE id = ?1")?
+        .query_row([job_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let Some(base_cost) = base_cost.filter(|b| *b > 0.0) else {
+        return Ok(());
+    };
+    let n: i64 = conn
+        .prepare_cached(
+            "INSERT INTO model_costs (sweep_id, model, n, sum_seconds, base_cost) \
+             VALUES (?1, ?2, 1, ?3, ?4) ON CONFLICT (sweep_id, model) DO UPDATE \
+             SET n = n + 1, sum_seconds = sum_seconds + excluded.sum_seconds RETURNING n",
+        )?
+        .query_row(params![sweep_id, model, seconds, base_cost], |r| r.get(0))?;
+    if n & (n - 1) == 0 {
+        reprice(conn, sweep_id)?;
+    }
+    Ok(())
+}
+
+/// Re-estimates the cost of every job of a sweep whose model has measured
+/// epochs.
 ///
 /// Costs stay in the units of the static estimate made at submit time
 /// (`base_cost`: model kind x sequence length x steps x epochs). Each model
@@ -1337,18 +1474,12 @@ impl Store {
 /// are ordered by their real speed once measured, models not yet measured
 /// keep their estimate on the same scale, and a single measured model keeps
 /// its estimate (one measurement says nothing about the others).
-fn refine_costs(conn: &Connection, job_id: i64) -> StoreResult<()> {
-    let sweep_id: i64 =
-        conn.query_row("SELECT sweep_id FROM jobs WHERE id = ?1", [job_id], |r| {
-            r.get(0)
-        })?;
+fn reprice(conn: &Connection, sweep_id: i64) -> StoreResult<()> {
     let measured: Vec<(String, f64, f64)> = {
         // Every stored row counts, superseded ones too: they are real
         // measurements of how long an epoch of that model takes.
-        let mut stmt = conn.prepare(
-            "SELECT j.model, AVG(e.seconds), MAX(j.base_cost) \
-             FROM epochs e JOIN jobs j ON j.id = e.job_id \
-             WHERE j.sweep_id = ?1 AND e.seconds > 0 AND j.base_cost > 0 GROUP BY j.model",
+        let mut stmt = conn.prepare_cached(
+            "SELECT model, sum_seconds / n, base_cost FROM model_costs WHERE sweep_id = ?1",
         )?;
         let rows = stmt.query_map([sweep_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         rows.collect::<Result<_, _>>()?
@@ -1365,10 +1496,8 @@ fn refine_costs(conn: &Connection, job_id: i64) -> StoreResult<()> {
         return Ok(());
     }
     for (model, spe, _) in &measured {
-        conn.execute(
-            "UPDATE jobs SET cost = ?1 WHERE sweep_id = ?2 AND model = ?3",
-            params![spe / k, sweep_id, model],
-        )?;
+        conn.prepare_cached("UPDATE jobs SET cost = ?1 WHERE sweep_id = ?2 AND model = ?3")?
+            .execute(params![spe / k, sweep_id, model])?;
     }
     Ok(())
 }
@@ -1955,6 +2084,59 @@ mod tests {
              [models.rnn]\nkind = \"rnn\"\n"
         );
         SweepSpec::from_toml(&text, Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn a_group_commit_answers_each_report_as_if_it_came_alone() {
+        let store = temp_store("group");
+        store.submit(&spec("s", 3), false).unwrap();
+        let a = leased(store.lease("w0", None, 0, 1000).unwrap());
+        let b = leased(store.lease("w1", None, 0, 1000).unwrap());
+        let report = |l: &Lease, token: Option<&str>, epoch: u32| Report {
+            at: AttemptRef {
+                token: token.map_or_else(|| l.token.clone(), str::to_string),
+                ..at(l)
+            },
+            metrics: metrics(epoch),
+            now: 1,
+            ttl_ms: 1000,
+        };
+        let answers = store.report_epochs(&[
+            report(&a, None, 1),
+            report(&b, Some("not-the-token"), 1),
+            report(&a, None, 1),
+            report(&b, None, 1),
+            report(&a, None, 0),
+            report(&a, None, 2),
+        ]);
+        let summary: Vec<String> = answers
+            .iter()
+            .map(|r| match r {
+                Ok((stored, _)) => format!("stored={stored}"),
+                Err(StoreError::Stale { .. }) => "stale".into(),
+                Err(StoreError::Invalid(_)) => "invalid".into(),
+                Err(e) => format!("{e}"),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                "stored=true",
+                "stale",
+                "stored=false",
+                "stored=true",
+                "invalid",
+                "stored=true"
+            ]
+        );
+        // The refused reports left nothing behind; the others are all there.
+        let rows: Vec<(i64, u32)> = store
+            .epochs("s")
+            .unwrap()
+            .iter()
+            .map(|r| (r.job_id, r.metrics.epoch))
+            .collect();
+        assert_eq!(rows, [(a.job_id, 1), (a.job_id, 2), (b.job_id, 1)]);
     }
 
     fn release(store: &Store, l: &Lease, now: i64) {
