@@ -83,68 +83,126 @@ pub struct CoordinatorService {
     store: Arc<Store>,
     config: ServiceConfig,
     events: broadcast::Sender<Event>,
-    reports: ReportQueue,
+    writer: Writer,
 }
 
-/// Most reports stored by one group commit.
+/// Most queued writes taken up at once (and so most reports stored by one
+/// group commit).
 const MAX_GROUP: usize = 512;
 
 type ReportAnswer = oneshot::Sender<Result<(bool, bool), StoreError>>;
 
-/// Epoch reports on their way to the store, committed in groups.
-///
-/// One thread owns the writing: it takes every report that queued up while
-/// the previous group was committing and stores them in one transaction
-/// ([`Store::report_epochs`]), then answers each RPC. An idle coordinator
-/// commits a lone report at once; a busy one pays one commit per group
-/// instead of one per report. An answer is sent only after its group
-/// committed, so an acknowledged report is as durable as before.
-#[derive(Clone)]
-struct ReportQueue {
-    tx: std::sync::mpsc::Sender<(store::Report, ReportAnswer)>,
+/// One queued write.
+enum Write {
+    /// An epoch report, stored in a group commit with its neighbours.
+    Report(store::Report, ReportAnswer),
+    /// Any other write (lease, heartbeat, completion, ...), run alone; the
+    /// closure sends its own answer.
+    Call(Box<dyn FnOnce(&Store) + Send>),
 }
 
-impl ReportQueue {
+/// Every write of the service, in arrival order, on one thread.
+///
+/// One thread owns the writing connection and takes the writes in the
+/// order they arrived, so no RPC waits on a lock that hundreds of others
+/// also want (an unfair mutex let some leases wait for seconds) and no
+/// thread is started per call. Consecutive epoch reports that queued up
+/// while the thread was busy are stored in one transaction
+/// ([`Store::report_epochs`]): an idle coordinator commits a lone report at
+/// once, a busy one pays one commit per group instead of one per report.
+/// Each RPC is answered only after its write committed, so an acknowledged
+/// report is as durable as before. Queries do not queue here: they read
+/// through the store's own read-only connection.
+#[derive(Clone)]
+struct Writer {
+    tx: std::sync::mpsc::Sender<Write>,
+}
+
+impl Writer {
     fn start(store: Arc<Store>) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<(store::Report, ReportAnswer)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Write>();
         let spawned = std::thread::Builder::new()
-            .name("report-writer".into())
+            .name("store-writer".into())
             .spawn(move || {
                 // Ends when the service and every clone of its queue are gone.
                 while let Ok(first) = rx.recv() {
-                    let mut group = vec![first];
-                    while group.len() < MAX_GROUP {
+                    let mut queued = vec![first];
+                    while queued.len() < MAX_GROUP {
                         match rx.try_recv() {
-                            Ok(next) => group.push(next),
+                            Ok(next) => queued.push(next),
                             Err(_) => break,
                         }
                     }
-                    let (reports, answers): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-                    let results = store.report_epochs(&reports);
-                    for (answer, result) in answers.into_iter().zip(results) {
-                        // The caller may have gone (deadline); nothing to do.
-                        let _ = answer.send(result);
-                    }
+                    run_in_order(&store, queued);
                 }
             });
         if let Err(e) = spawned {
-            // Without the thread every report is answered UNAVAILABLE (the
-            // receiver is dropped with the failed closure).
-            tracing::error!(error = %e, "cannot start the report writer thread");
+            // Without the thread every write is answered UNAVAILABLE (the
+            // receiver was dropped with the closure).
+            tracing::error!(error = %e, "cannot start the store writer thread");
         }
         Self { tx }
     }
 
-    async fn store(&self, report: store::Report) -> Result<(bool, bool), Status> {
+    async fn report(&self, report: store::Report) -> Result<(bool, bool), Status> {
         let (answer, answered) = oneshot::channel();
         self.tx
-            .send((report, answer))
-            .map_err(|_| Status::unavailable("the report writer has stopped"))?;
+            .send(Write::Report(report, answer))
+            .map_err(|_| Status::unavailable("the store writer has stopped"))?;
         answered
             .await
-            .map_err(|_| Status::internal("the report writer dropped a report"))?
+            .map_err(|_| Status::internal("the store writer dropped a write"))?
             .map_err(to_status)
     }
+
+    async fn call<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        let call = move |store: &Store| {
+            // The caller may have gone (deadline); nothing to do then.
+            let _ = answer.send(f(store));
+        };
+        self.tx
+            .send(Write::Call(Box::new(call)))
+            .map_err(|_| Status::unavailable("the store writer has stopped"))?;
+        answered
+            .await
+            .map_err(|_| Status::internal("the store writer dropped a write"))?
+            .map_err(to_status)
+    }
+}
+
+/// Runs queued writes in order, each run of consecutive reports as one
+/// group commit.
+fn run_in_order(store: &Store, queued: Vec<Write>) {
+    let mut reports = Vec::new();
+    let mut answers = Vec::new();
+    let flush = |reports: &mut Vec<store::Report>, answers: &mut Vec<ReportAnswer>| {
+        if reports.is_empty() {
+            return;
+        }
+        let results = store.report_epochs(reports);
+        for (answer, result) in answers.drain(..).zip(results) {
+            let _ = answer.send(result);
+        }
+        reports.clear();
+    };
+    for write in queued {
+        match write {
+            Write::Report(report, answer) => {
+                reports.push(report);
+                answers.push(answer);
+            }
+            Write::Call(call) => {
+                flush(&mut reports, &mut answers);
+                call(store);
+            }
+        }
+    }
+    flush(&mut reports, &mut answers);
 }
 
 /// Maps a store error to the gRPC code callers can act on.
@@ -209,12 +267,12 @@ impl CoordinatorService {
     /// A service over `store`.
     pub fn new(store: Arc<Store>, config: ServiceConfig) -> Self {
         let (events, _) = broadcast::channel(4096);
-        let reports = ReportQueue::start(store.clone());
+        let writer = Writer::start(store.clone());
         Self {
             store,
             config,
             events,
-            reports,
+            writer,
         }
     }
 
@@ -258,13 +316,22 @@ impl CoordinatorService {
     /// Ends the attempts whose lease deadline passed and tells watchers;
     /// returns how many. The server's ticker calls this.
     pub async fn expire_leases(&self) -> Result<usize, Status> {
-        let expired = self.blocking(|s| s.expire_leases(store::now_ms())).await?;
+        let expired = self.write(|s| s.expire_leases(store::now_ms())).await?;
         let n = expired.len();
         self.publish_expired(expired);
         Ok(n)
     }
 
-    /// Runs a blocking store call off the async executor.
+    /// Queues a write for the store's writer thread (see [`Writer`]).
+    async fn write<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.writer.call(f).await
+    }
+
+    /// Runs a query (read-only store call) off the async executor.
     async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
@@ -289,7 +356,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let spec = SweepSpec::from_json(&req.spec_json)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let outcome = self
-            .blocking(move |s| s.submit(&spec, req.new_version))
+            .write(move |s| s.submit(&spec, req.new_version))
             .await?;
         tracing::info!(sweep = %outcome.sweep, n_jobs = outcome.n_jobs, created = outcome.created, "sweep submitted");
         Ok(Response::new(pb::SubmitSweepResponse {
@@ -312,7 +379,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let worker_id = req.worker_id.clone();
         let sweep = (!req.sweep.is_empty()).then_some(req.sweep);
         let (expired, outcome) = self
-            .blocking(move |s| {
+            .write(move |s| {
                 let now = store::now_ms();
                 let mut expired = s.expire_leases(now)?;
                 let outcome = s.lease(&worker_id, sweep.as_deref(), now, ttl);
@@ -399,7 +466,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let at = attempt_ref(request.into_inner().job)?;
         let ttl = self.ttl_ms();
         let cancel = self
-            .blocking(move |s| s.heartbeat(&at, store::now_ms(), ttl))
+            .write(move |s| s.heartbeat(&at, store::now_ms(), ttl))
             .await?;
         Ok(Response::new(pb::HeartbeatResponse { cancel }))
     }
@@ -418,8 +485,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let ttl = self.ttl_ms();
         let (job_id, attempt) = (at.job_id, at.attempt);
         let (stored, cancel) = self
-            .reports
-            .store(store::Report {
+            .writer
+            .report(store::Report {
                 at,
                 metrics,
                 now: store::now_ms(),
@@ -474,7 +541,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         };
         let (job_id, attempt) = (at.job_id, at.attempt);
         let accuracy = completion.test_accuracy;
-        self.blocking(move |s| s.complete(&at, &completion, store::now_ms()))
+        self.write(move |s| s.complete(&at, &completion, store::now_ms()))
             .await?;
         let state = if accuracy.is_finite() {
             store::state::COMPLETED
@@ -501,7 +568,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let (job_id, attempt) = (at.job_id, at.attempt);
         let reason = req.reason.clone();
         let new_state = self
-            .blocking(move |s| {
+            .write(move |s| {
                 let cause = if req.release {
                     FailCause::Release
                 } else if req.input_error {
@@ -613,7 +680,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::CancelSweepResponse>, Status> {
         let sweep = request.into_inner().sweep;
         let name = sweep.clone();
-        let (pending, running) = self.blocking(move |s| s.cancel(&name)).await?;
+        let (pending, running) = self.write(move |s| s.cancel(&name)).await?;
         tracing::info!(%sweep, pending, running, "sweep cancelled");
         Ok(Response::new(pb::CancelSweepResponse {
             n_pending_cancelled: pending as u32,
@@ -634,7 +701,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         };
         let sweep = req.sweep.clone();
         let n = self
-            .blocking(move |s| {
+            .write(move |s| {
                 let refs: Vec<&str> = states.iter().map(String::as_str).collect();
                 s.resume(&sweep, &refs)
             })

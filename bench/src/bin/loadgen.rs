@@ -51,6 +51,11 @@ struct Cli {
     /// Largest sweep submitted; more jobs go into more sweeps.
     #[arg(long, default_value_t = 1000)]
     jobs_per_sweep: usize,
+    /// Simulated training time per epoch: each worker waits this long
+    /// before each report, so `workers * 1000 / epoch_ms` reports/s are
+    /// offered (0: as fast as the coordinator answers, a saturation test).
+    #[arg(long, default_value_t = 0)]
+    epoch_ms: u64,
     /// Stop the load after this many seconds even if jobs remain.
     #[arg(long, default_value_t = 120.0)]
     time_limit: f64,
@@ -183,6 +188,8 @@ struct Report {
     workers: usize,
     channels: usize,
     time_limit_s: f64,
+    /// Simulated training time per epoch (0: saturation).
+    epoch_ms: u64,
     hit_time_limit: bool,
     submit_s: f64,
     load_s: f64,
@@ -264,10 +271,17 @@ async fn worker(
     mut client: pb::Client,
     id: String,
     epochs: usize,
+    epoch_time: Duration,
+    start_fraction: f64,
     deadline: Instant,
     shared: Arc<Shared>,
 ) -> Samples {
     let mut s = Samples::default();
+    // Paced workers start spread over one epoch time, as real ones would
+    // be after a while, instead of all reporting in the same instant.
+    if !epoch_time.is_zero() {
+        tokio::time::sleep(epoch_time.mul_f64(start_fraction)).await;
+    }
     while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
         let t = Instant::now();
         let lease = client
@@ -311,6 +325,9 @@ async fn worker(
             if Instant::now() >= deadline {
                 ok = false;
                 break;
+            }
+            if !epoch_time.is_zero() {
+                tokio::time::sleep(epoch_time).await;
             }
             let acc = epoch as f64 / (epochs as f64 + 1.0);
             let t = Instant::now();
@@ -495,6 +512,8 @@ async fn run(cli: &Cli, bin: &Path, state: &Path) -> anyhow::Result<Report> {
             clients[i % clients.len()].clone(),
             format!("sim-{i:05}"),
             cli.epochs,
+            Duration::from_millis(cli.epoch_ms),
+            i as f64 / cli.workers as f64,
             deadline,
             shared.clone(),
         )));
@@ -572,6 +591,7 @@ async fn run(cli: &Cli, bin: &Path, state: &Path) -> anyhow::Result<Report> {
         workers: cli.workers,
         channels: cli.channels,
         time_limit_s: cli.time_limit,
+        epoch_ms: cli.epoch_ms,
         hit_time_limit: Instant::now() >= deadline && (completed as usize) < jobs_submitted,
         submit_s,
         load_s,
@@ -594,12 +614,17 @@ fn fmt_ms(x: Option<f64>) -> String {
 
 fn print_table(r: &Report) {
     println!(
-        "load: {} jobs in {} sweeps x {} epochs, {} workers on {} channels, limit {:.0} s{}",
+        "load: {} jobs in {} sweeps x {} epochs, {} workers on {} channels, {}, limit {:.0} s{}",
         r.jobs_submitted,
         r.sweeps,
         r.epochs_per_job,
         r.workers,
         r.channels,
+        if r.epoch_ms == 0 {
+            "saturating".to_string()
+        } else {
+            format!("one report per worker every {} ms", r.epoch_ms)
+        },
         r.time_limit_s,
         if r.hit_time_limit {
             " (time limit hit)"
