@@ -176,18 +176,34 @@ impl Writer {
 }
 
 /// Runs queued writes in order, each run of consecutive reports as one
-/// group commit.
+/// group commit. A write that panics is answered INTERNAL (its answer
+/// channel is dropped) and the thread goes on with the next: one bad call
+/// must not stop every later write. SQLite rolls back the open transaction
+/// when it unwinds.
 fn run_in_order(store: &Store, queued: Vec<Write>) {
+    let guarded = |what: &str, f: &mut dyn FnMut()| {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+            tracing::error!(
+                write = what,
+                "a store write panicked; answered as an internal error"
+            );
+        }
+    };
     let mut reports = Vec::new();
     let mut answers = Vec::new();
     let flush = |reports: &mut Vec<store::Report>, answers: &mut Vec<ReportAnswer>| {
         if reports.is_empty() {
             return;
         }
-        let results = store.report_epochs(reports);
+        let mut results = Vec::new();
+        guarded("ReportEpoch", &mut || {
+            results = store.report_epochs(reports)
+        });
+        // After a panic `results` is empty and every answer is dropped.
         for (answer, result) in answers.drain(..).zip(results) {
             let _ = answer.send(result);
         }
+        answers.clear();
         reports.clear();
     };
     for write in queued {
@@ -198,7 +214,12 @@ fn run_in_order(store: &Store, queued: Vec<Write>) {
             }
             Write::Call(call) => {
                 flush(&mut reports, &mut answers);
-                call(store);
+                let mut call = Some(call);
+                guarded("call", &mut || {
+                    if let Some(call) = call.take() {
+                        call(store)
+                    }
+                });
             }
         }
     }
@@ -841,5 +862,28 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             spec_json,
             results: results.iter().map(crate::convert::result_to_pb).collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that panics is answered INTERNAL, and the writer thread
+    /// still serves the writes queued after it.
+    #[tokio::test]
+    async fn the_writer_survives_a_panicking_write() {
+        let dir = std::env::temp_dir().join(format!("rotsweep-writer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(Store::open(&dir).unwrap());
+        let writer = Writer::start(store);
+        let err = writer
+            .call(|_| -> Result<(), StoreError> { panic!("a bug in a store call") })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+        let expired = writer.call(|s| s.expire_leases(0)).await.unwrap();
+        assert!(expired.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
