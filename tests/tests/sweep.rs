@@ -375,3 +375,30 @@ fn output_into_a_closed_pipe_ends_quietly() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `rotsweep-worker bench --format json`: one object with the median and
+/// range of each timing, as `bench/run` reads it.
+#[test]
+fn worker_bench_prints_json_with_the_spread() -> anyhow::Result<()> {
+    let out = std::process::Command::new(bin("rotsweep-worker"))
+        .args(["bench", "--kind", "gru", "--len", "16", "--batch", "4"])
+        .args(["--steps", "3", "--warmup", "0", "--format", "json"])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        (row["kind"].as_str(), row["steps"].as_u64()),
+        (Some("gru"), Some(3))
+    );
+    for t in ["train_ms", "infer_ms"] {
+        let (lo, mid, hi) = (
+            row[format!("{t}_min")].as_f64().unwrap(),
+            row[t].as_f64().unwrap(),
+            row[format!("{t}_max")].as_f64().unwrap(),
+        );
+        assert!(0.0 < lo && lo <= mid && mid <= hi, "{row}");
+    }
+    Ok(())
+}

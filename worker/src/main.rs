@@ -209,6 +209,9 @@ struct BenchArgs {
     /// Recurrence implementation of rnn and gru layers.
     #[arg(long, value_enum, default_value_t = RecurrenceArg::Fused)]
     recurrence: RecurrenceArg,
+    /// Output: one line for people, or one JSON object with the spread.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
 }
 
 /// `--recurrence` values.
@@ -713,22 +716,60 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         infer_ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
 
-    outln!(
-        "{} L={} batch={} params={}: train {:.1} ms/step (median of {}), infer {:.1} ms/batch",
-        args.kind.as_str(),
-        args.len,
-        args.batch,
-        model.n_params(),
-        median(&mut train_ms),
-        args.steps,
-        median(&mut infer_ms)
-    );
+    let (train, infer) = (Spread::of(&mut train_ms), Spread::of(&mut infer_ms));
+    match args.format {
+        Format::Table => outln!(
+            "{} L={} batch={} params={}: train {:.1} ms/step (median of {}, {:.1}-{:.1}), \
+             infer {:.1} ms/batch ({:.1}-{:.1})",
+            args.kind.as_str(),
+            args.len,
+            args.batch,
+            model.n_params(),
+            train.median,
+            args.steps,
+            train.min,
+            train.max,
+            infer.median,
+            infer.min,
+            infer.max
+        ),
+        Format::Json => outln!(
+            "{}",
+            serde_json::json!({
+                "framework": "candle",
+                "kind": args.kind.as_str(),
+                "len": args.len,
+                "batch": args.batch,
+                "params": model.n_params(),
+                "steps": args.steps,
+                "train_ms": train.median,
+                "train_ms_min": train.min,
+                "train_ms_max": train.max,
+                "infer_ms": infer.median,
+                "infer_ms_min": infer.min,
+                "infer_ms_max": infer.max,
+            })
+        ),
+    }
     Ok(())
 }
 
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
+/// Median and range of timed repetitions.
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(xs: &mut [f64]) -> Self {
+        xs.sort_by(f64::total_cmp);
+        Self {
+            median: xs[xs.len() / 2],
+            min: xs[0],
+            max: xs[xs.len() - 1],
+        }
+    }
 }
 
 #[cfg(test)]
