@@ -45,6 +45,21 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// Copies the shipped `pfam-real` fold files into `DIR/data`, for a test
+/// that spoils one of them; returns that folder.
+pub fn copy_real_folds(dir: &Path) -> anyhow::Result<PathBuf> {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    for k in 0..5 {
+        let name = format!("pfam_fold_{k}.csv");
+        std::fs::copy(
+            repo_root().join("examples/data/pfam-real").join(&name),
+            data.join(&name),
+        )?;
+    }
+    Ok(data)
+}
+
 /// Writes a tiny spec over the shipped `pfam-real` data: small models,
 /// short sequences and few steps, so a job trains in about a second.
 pub fn tiny_spec(

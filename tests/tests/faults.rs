@@ -1175,14 +1175,7 @@ fn bad_input_found_by_a_worker_fails_the_job_at_once_without_quarantine() -> any
         10.0,
         &["--quarantine-after", "1", "--quarantine-secs", "600"],
     )?;
-    let data = rig.dir.join("data");
-    std::fs::create_dir_all(&data)?;
-    for k in 0..5 {
-        std::fs::copy(
-            repo_root().join(format!("examples/data/pfam-real/pfam_fold_{k}.csv")),
-            data.join(format!("pfam_fold_{k}.csv")),
-        )?;
-    }
+    let data = copy_real_folds(&rig.dir)?;
     // Rotation 0 tests on fold 4: a label no training fold has.
     let mut fold4 = std::fs::read_to_string(data.join("pfam_fold_4.csv"))?;
     fold4.push_str("MKVLAAGIVGLLLAQ,OnlyInTest\n");

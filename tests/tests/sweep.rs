@@ -230,14 +230,7 @@ fn bad_input_fails_with_the_file_and_line_or_key() -> anyhow::Result<()> {
     let dir = temp_dir("bad");
 
     // A malformed line in one fold.
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data)?;
-    for k in 0..5 {
-        std::fs::copy(
-            repo_root().join(format!("examples/data/pfam-real/pfam_fold_{k}.csv")),
-            data.join(format!("pfam_fold_{k}.csv")),
-        )?;
-    }
+    let data = copy_real_folds(&dir)?;
     let mut fold2 = std::fs::read_to_string(data.join("pfam_fold_2.csv"))?;
     fold2.push_str("MKVLAAGIVGLLLAQ,Globin,extra\n");
     std::fs::write(data.join("pfam_fold_2.csv"), &fold2)?;
