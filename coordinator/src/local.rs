@@ -133,10 +133,6 @@ fn spawn_worker(
         // for a remote coordinator does not apply.
         .env_remove(rotsweep_proto::tls::CA_ENV)
         .env("RAYON_NUM_THREADS", cfg.threads_per_worker.to_string())
-        // Keep big tensor buffers in the heap instead of mmap/munmap per step
-        // (measured 1.4-2.3x faster training, research/baselines.md).
-        .env("MALLOC_MMAP_MAX_", "0")
-        .env("MALLOC_TRIM_THRESHOLD_", "17179869184")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(worker_stderr(cfg, &id)?)

@@ -223,11 +223,35 @@ enum RecurrenceArg {
     Composed,
 }
 
+/// Tells glibc's allocator to keep freed memory in the heap: no `mmap` per
+/// large allocation and no trimming of the heap's top. Training frees and
+/// allocates the same large tensor buffers every step; by default each one
+/// is unmapped and page-faulted back in, which made candle steps 1.4-2.3x
+/// slower (research/baselines.md, "+nommap"). The peak memory is the same;
+/// the process just keeps it. `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_`
+/// in the environment still win.
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator parameters; it is called
+        // first thing in main, before any thread exists.
+        unsafe {
+            if std::env::var_os("MALLOC_MMAP_MAX_").is_none() {
+                libc::mallopt(libc::M_MMAP_MAX, 0);
+            }
+            if std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_none() {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            }
+        }
+    }
+}
+
 fn parse_kind(s: &str) -> Result<ModelKind, String> {
     s.parse()
 }
 
 fn main() -> ExitCode {
+    keep_freed_buffers();
     let cli = Cli::parse();
     init_logging();
 
