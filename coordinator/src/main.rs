@@ -603,17 +603,31 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
-            let mut stream = client
-                .watch(pb::WatchRequest { sweep })
-                .await
-                .map_err(|s| rpc_error("Watch", s))?
-                .into_inner();
+            let mut stream = open_watch(&mut client, &sweep).await?;
             let mut n_events = 0usize;
-            while let Some(event) = stream.message().await.map_err(|s| rpc_error("Watch", s))? {
-                n_events += 1;
-                match bars.as_mut() {
-                    Some(b) => show_watch_event(b, &event),
-                    None => print_event(&event, format),
+            loop {
+                match stream.message().await {
+                    Ok(Some(event)) => {
+                        n_events += 1;
+                        match bars.as_mut() {
+                            Some(b) => show_watch_event(b, &event),
+                            None => print_event(&event, format),
+                        }
+                    }
+                    Ok(None) => break,
+                    // The coordinator went away (restart, network): watch
+                    // again once it is back. Events in between are not
+                    // replayed; `status` has the state.
+                    Err(status) if watch_may_resume(&status) => {
+                        tracing::warn!(
+                            error = %status.message(),
+                            "lost the coordinator; reconnecting (events until then are not \
+                             shown, `rotsweep status` has them)"
+                        );
+                        stream = rewatch(&remote, &sweep).await?;
+                        tracing::info!("watching again");
+                    }
+                    Err(status) => return Err(rpc_error("Watch", status)),
                 }
             }
             if let Some(b) = bars {
@@ -695,6 +709,52 @@ fn write_run_report(state_dir: &Path, sweep: &str) {
 }
 
 /// Progress bars for `watch`, sized from the sweep's jobs and spec.
+async fn open_watch(
+    client: &mut client::Client,
+    sweep: &str,
+) -> Result<tonic::Streaming<pb::WatchEvent>, tonic::Status> {
+    Ok(client
+        .watch(pb::WatchRequest {
+            sweep: sweep.to_string(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Errors after which a watch stream may be opened again: the connection
+/// or the coordinator went away.
+fn watch_may_resume(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::Internal
+    )
+}
+
+/// Opens the watch stream again, retrying with backoff for up to about ten
+/// minutes while the coordinator is unreachable.
+async fn rewatch(remote: &Remote, sweep: &str) -> anyhow::Result<tonic::Streaming<pb::WatchEvent>> {
+    const TRIES: u32 = 300;
+    let mut last = String::new();
+    for attempt in 0..TRIES {
+        let wait = Duration::from_millis((200u64 << attempt.min(4)).min(2_000));
+        tokio::time::sleep(wait).await;
+        let mut client = match remote.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{e:#}");
+                continue;
+            }
+        };
+        match open_watch(&mut client, sweep).await {
+            Ok(stream) => return Ok(stream),
+            Err(status) if watch_may_resume(&status) => last = status.message().to_string(),
+            Err(status) => return Err(rpc_error("Watch", status)),
+        }
+    }
+    bail!("gave up reconnecting to the coordinator after {TRIES} tries: {last}")
+}
+
 async fn watch_bars(
     client: &mut client::Client,
     sweep: &str,

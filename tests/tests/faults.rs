@@ -733,6 +733,17 @@ fn a_coordinator_killed_half_way_restarts_on_its_state_and_loses_nothing() -> an
     );
     let sweep = rig.submit(&spec)?;
     let watcher = rig.watch(&sweep)?;
+    // The CLI's `watch` rides out the restart too.
+    let mut cli_watch = Proc {
+        child: std::process::Command::new(bin("rotsweep"))
+            .args(["watch", &sweep, "--coordinator", &rig.server.url])
+            .args(["--format", "json"])
+            .env("ROTSWEEP_TOKEN", TOKEN)
+            .stdout(log_file(&rig.dir, "watch-out")?)
+            .stderr(log_file(&rig.dir, "watch")?)
+            .spawn()?,
+        name: "rotsweep watch".into(),
+    };
 
     let mut workers = [rig.worker("w0", &sweep)?, rig.worker("w1", &sweep)?];
     let (half, _) = watcher.wait_from(0, "two completed jobs", rig.left(), |e| {
@@ -775,6 +786,14 @@ fn a_coordinator_killed_half_way_restarts_on_its_state_and_loses_nothing() -> an
     for w in workers.iter_mut() {
         rig.exits_cleanly(w)?;
     }
+    // It lost the stream at the kill (a job was still running, so the sweep
+    // had not finished), watched again, and ended with the sweep.
+    rig.exits_cleanly(&mut cli_watch)?;
+    let log = rig.log("watch");
+    assert!(
+        log.contains("lost the coordinator") && log.contains("watching again"),
+        "{log}"
+    );
 
     let status = rig.status(&sweep)?;
     assert_eq!(status.jobs.len(), 4);
