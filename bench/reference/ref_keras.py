@@ -7,6 +7,7 @@ JSON line with train and infer median ms and peak RSS.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -40,7 +41,8 @@ def build(kind, length, vocab=27, emb=32, filters=64, units=64, classes=46):
     tokens = keras.Input((length,), dtype="int32")
     x = layers.Embedding(vocab, emb)(tokens)
     if kind == "mha":
-        x = x + positions(length, emb)[None]
+        # Scaled by sqrt(E) before the positions, as rotsweep's model does.
+        x = x * math.sqrt(emb) + positions(length, emb)[None]
     x = layers.Conv1D(filters, 4, strides=4, activation="elu")(x)
     if kind == "mha":
         x = attend(x, filters, 4)

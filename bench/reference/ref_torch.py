@@ -2,7 +2,7 @@
 """rotsweep bench: PyTorch CPU reference of the rotsweep models (rnn, gru, mha).
 
 Architecture as in rotsweep's worker/src/model.rs defaults: token embedding
-(27 -> 32), [mha: + sinusoidal positions], Conv1D 64 filters, kernel 4,
+(27 -> 32), [mha: x sqrt(32) + sinusoidal positions], Conv1D 64 filters, kernel 4,
 stride 4, ELU; a body (two recurrent layers around an average pool of 2, or
 two self-attention blocks around the pool followed by a max over time);
 Dense 64 ELU, Dense 32 ELU, Dense 46 (logits). Adam 1e-3, cross-entropy.
@@ -68,7 +68,8 @@ class Classifier(nn.Module):
     def forward(self, tokens):
         x = self.embed(tokens)
         if self.kind == "mha":
-            x = x + self.pos
+            # Scaled by sqrt(E) before the positions, as rotsweep's model does.
+            x = x * math.sqrt(x.shape[-1]) + self.pos
         x = F.elu(self.conv(x.transpose(1, 2)))  # (B, C, T)
         if self.kind == "mha":
             x = self.first(x.transpose(1, 2))
