@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rotsweep_proto as pb;
 use rotsweep_shared::spec::SweepSpec;
+use rusqlite::Connection;
 use tokio::sync::{broadcast, oneshot};
 use tonic::{Request, Response, Status};
 
@@ -86,33 +87,30 @@ pub struct CoordinatorService {
     writer: Writer,
 }
 
-/// Most queued writes taken up at once (and so most reports stored by one
-/// group commit).
+/// Most queued writes committed together.
 const MAX_GROUP: usize = 512;
 
-type ReportAnswer = oneshot::Sender<Result<(bool, bool), StoreError>>;
+/// Sends a write's answer once its group's commit is known: the write's own
+/// result if the commit succeeded, else why it did not.
+type Deliver = Box<dyn FnOnce(Result<(), String>) + Send>;
 
-/// One queued write.
-enum Write {
-    /// An epoch report, stored in a group commit with its neighbours.
-    Report(store::Report, ReportAnswer),
-    /// Any other write (lease, heartbeat, completion, ...), run alone; the
-    /// closure sends its own answer.
-    Call(Box<dyn FnOnce(&Store) + Send>),
-}
+/// One queued write: runs inside the group transaction and returns how to
+/// answer it.
+type Write = Box<dyn FnOnce(&Store, &Connection) -> Deliver + Send>;
 
-/// Every write of the service, in arrival order, on one thread.
+/// Every write of the service, in arrival order, on one thread, committed
+/// in groups.
 ///
-/// One thread owns the writing connection and takes the writes in the
-/// order they arrived, so no RPC waits on a lock that hundreds of others
-/// also want (an unfair mutex let some leases wait for seconds) and no
-/// thread is started per call. Consecutive epoch reports that queued up
-/// while the thread was busy are stored in one transaction
-/// ([`Store::report_epochs`]): an idle coordinator commits a lone report at
-/// once, a busy one pays one commit per group instead of one per report.
-/// Each RPC is answered only after its write committed, so an acknowledged
-/// report is as durable as before. Queries do not queue here: they read
-/// through the store's own read-only connection.
+/// One thread owns the writing connection. It takes every write that queued
+/// up while it was busy (leases, reports, heartbeats, completions, ...),
+/// runs them in arrival order in one transaction, each under its own
+/// savepoint so a refused write rolls back alone, commits once, and only
+/// then answers each RPC. An idle coordinator commits a lone write at once;
+/// a busy one pays one commit per group instead of one per write, and no
+/// RPC waits on a lock that hundreds of blocking threads also want (an
+/// unfair mutex once let some leases wait for seconds). An acknowledged
+/// write is as durable as with one transaction per write. Queries do not
+/// queue here: they read through the store's read-only connection.
 #[derive(Clone)]
 struct Writer {
     tx: std::sync::mpsc::Sender<Write>,
@@ -133,7 +131,7 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    run_in_order(&store, queued);
+                    run_group(&store, queued);
                 }
             });
         if let Err(e) = spawned {
@@ -144,29 +142,23 @@ impl Writer {
         Self { tx }
     }
 
-    async fn report(&self, report: store::Report) -> Result<(bool, bool), Status> {
-        let (answer, answered) = oneshot::channel();
-        self.tx
-            .send(Write::Report(report, answer))
-            .map_err(|_| Status::unavailable("the store writer has stopped"))?;
-        answered
-            .await
-            .map_err(|_| Status::internal("the store writer dropped a write"))?
-            .map_err(to_status)
-    }
-
+    /// Queues `f` (a `Store::*_in` call) and waits for its committed answer.
     async fn call<T, F>(&self, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Store, &Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (answer, answered) = oneshot::channel();
-        let call = move |store: &Store| {
-            // The caller may have gone (deadline); nothing to do then.
-            let _ = answer.send(f(store));
-        };
+        let write: Write = Box::new(move |store: &Store, tx: &Connection| {
+            let result = store::in_savepoint(tx, |tx| f(store, tx));
+            Box::new(move |committed: Result<(), String>| {
+                let result = committed.map_err(StoreError::Unavailable).and(result);
+                // The caller may have gone (deadline); nothing to do then.
+                let _ = answer.send(result);
+            })
+        });
         self.tx
-            .send(Write::Call(Box::new(call)))
+            .send(write)
             .map_err(|_| Status::unavailable("the store writer has stopped"))?;
         answered
             .await
@@ -175,55 +167,31 @@ impl Writer {
     }
 }
 
-/// Runs queued writes in order, each run of consecutive reports as one
-/// group commit. A write that panics is answered INTERNAL (its answer
-/// channel is dropped) and the thread goes on with the next: one bad call
-/// must not stop every later write. SQLite rolls back the open transaction
-/// when it unwinds.
-fn run_in_order(store: &Store, queued: Vec<Write>) {
-    let guarded = |what: &str, f: &mut dyn FnMut()| {
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
-            tracing::error!(
-                write = what,
-                "a store write panicked; answered as an internal error"
-            );
+/// Runs queued writes in order in one transaction, then answers them. A
+/// write that panics ends the group: the transaction rolls back, the writes
+/// already run are answered UNAVAILABLE (nothing of theirs was stored), the
+/// rest INTERNAL (their answers are dropped), and the thread goes on with
+/// the next group: one bad call must not stop every later write.
+fn run_group(store: &Store, queued: Vec<Write>) {
+    let mut delivers: Vec<Deliver> = Vec::with_capacity(queued.len());
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        store.group(|tx| {
+            for write in queued {
+                delivers.push(write(store, tx));
+            }
+        })
+    }));
+    let committed = match run {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => {
+            tracing::error!("a store write panicked; its group was rolled back");
+            Err("a write in the same group failed; retry".to_string())
         }
     };
-    let mut reports = Vec::new();
-    let mut answers = Vec::new();
-    let flush = |reports: &mut Vec<store::Report>, answers: &mut Vec<ReportAnswer>| {
-        if reports.is_empty() {
-            return;
-        }
-        let mut results = Vec::new();
-        guarded("ReportEpoch", &mut || {
-            results = store.report_epochs(reports)
-        });
-        // After a panic `results` is empty and every answer is dropped.
-        for (answer, result) in answers.drain(..).zip(results) {
-            let _ = answer.send(result);
-        }
-        answers.clear();
-        reports.clear();
-    };
-    for write in queued {
-        match write {
-            Write::Report(report, answer) => {
-                reports.push(report);
-                answers.push(answer);
-            }
-            Write::Call(call) => {
-                flush(&mut reports, &mut answers);
-                let mut call = Some(call);
-                guarded("call", &mut || {
-                    if let Some(call) = call.take() {
-                        call(store)
-                    }
-                });
-            }
-        }
+    for deliver in delivers {
+        deliver(committed.clone());
     }
-    flush(&mut reports, &mut answers);
 }
 
 /// Maps a store error to the gRPC code callers can act on.
@@ -337,7 +305,9 @@ impl CoordinatorService {
     /// Ends the attempts whose lease deadline passed and tells watchers;
     /// returns how many. The server's ticker calls this.
     pub async fn expire_leases(&self) -> Result<usize, Status> {
-        let expired = self.write(|s| s.expire_leases(store::now_ms())).await?;
+        let expired = self
+            .write(|s, tx| s.expire_leases_in(tx, store::now_ms()))
+            .await?;
         let n = expired.len();
         self.publish_expired(expired);
         Ok(n)
@@ -347,7 +317,7 @@ impl CoordinatorService {
     async fn write<T, F>(&self, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Store, &Connection) -> Result<T, StoreError> + Send + 'static,
     {
         self.writer.call(f).await
     }
@@ -377,7 +347,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let spec = SweepSpec::from_json(&req.spec_json)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let outcome = self
-            .write(move |s| s.submit(&spec, req.new_version))
+            .write(move |s, tx| s.submit_in(tx, &spec, req.new_version))
             .await?;
         tracing::info!(sweep = %outcome.sweep, n_jobs = outcome.n_jobs, created = outcome.created, "sweep submitted");
         Ok(Response::new(pb::SubmitSweepResponse {
@@ -400,10 +370,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let worker_id = req.worker_id.clone();
         let sweep = (!req.sweep.is_empty()).then_some(req.sweep);
         let (expired, outcome) = self
-            .write(move |s| {
+            .write(move |s, tx| {
                 let now = store::now_ms();
-                let mut expired = s.expire_leases(now)?;
-                let outcome = s.lease(&worker_id, sweep.as_deref(), now, ttl);
+                let mut expired = s.expire_leases_in(tx, now)?;
+                let outcome = s.lease_in(tx, &worker_id, sweep.as_deref(), now, ttl);
                 expired.extend(s.take_expired());
                 Ok((expired, outcome?))
             })
@@ -487,7 +457,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let at = attempt_ref(request.into_inner().job)?;
         let ttl = self.ttl_ms();
         let cancel = self
-            .write(move |s| s.heartbeat(&at, store::now_ms(), ttl))
+            .write(move |s, tx| s.heartbeat_in(tx, &at, store::now_ms(), ttl))
             .await?;
         Ok(Response::new(pb::HeartbeatResponse { cancel }))
     }
@@ -506,12 +476,16 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let ttl = self.ttl_ms();
         let (job_id, attempt) = (at.job_id, at.attempt);
         let (stored, cancel) = self
-            .writer
-            .report(store::Report {
-                at,
-                metrics,
-                now: store::now_ms(),
-                ttl_ms: ttl,
+            .write(move |s, tx| {
+                s.report_in(
+                    tx,
+                    &store::Report {
+                        at,
+                        metrics,
+                        now: store::now_ms(),
+                        ttl_ms: ttl,
+                    },
+                )
             })
             .await?;
         tracing::debug!(
@@ -562,7 +536,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         };
         let (job_id, attempt) = (at.job_id, at.attempt);
         let accuracy = completion.test_accuracy;
-        self.write(move |s| s.complete(&at, &completion, store::now_ms()))
+        self.write(move |s, tx| s.complete_in(tx, &at, &completion, store::now_ms()))
             .await?;
         let state = if accuracy.is_finite() {
             store::state::COMPLETED
@@ -589,7 +563,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let (job_id, attempt) = (at.job_id, at.attempt);
         let reason = req.reason.clone();
         let new_state = self
-            .write(move |s| {
+            .write(move |s, tx| {
                 let cause = if req.release {
                     FailCause::Release
                 } else if req.input_error {
@@ -599,7 +573,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 } else {
                     FailCause::Infra
                 };
-                s.fail(&at, &req.reason, cause, store::now_ms())
+                s.fail_in(tx, &at, &req.reason, cause, store::now_ms())
             })
             .await?;
         tracing::warn!(job_id, attempt, state = new_state, error = %reason, "job attempt ended without a result");
@@ -701,7 +675,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::CancelSweepResponse>, Status> {
         let sweep = request.into_inner().sweep;
         let name = sweep.clone();
-        let (pending, running) = self.write(move |s| s.cancel(&name)).await?;
+        let (pending, running) = self.write(move |s, tx| s.cancel_in(tx, &name)).await?;
         tracing::info!(%sweep, pending, running, "sweep cancelled");
         Ok(Response::new(pb::CancelSweepResponse {
             n_pending_cancelled: pending as u32,
@@ -722,9 +696,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         };
         let sweep = req.sweep.clone();
         let n = self
-            .write(move |s| {
+            .write(move |s, tx| {
                 let refs: Vec<&str> = states.iter().map(String::as_str).collect();
-                s.resume(&sweep, &refs)
+                s.resume_in(tx, &sweep, &refs)
             })
             .await?;
         tracing::info!(sweep = %req.sweep, n_requeued = n, "sweep resumed");
@@ -869,8 +843,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 mod tests {
     use super::*;
 
-    /// A write that panics is answered INTERNAL, and the writer thread
-    /// still serves the writes queued after it.
+    /// A write that panics is answered INTERNAL (its group is rolled back),
+    /// and the writer thread still serves the writes queued after it.
     #[tokio::test]
     async fn the_writer_survives_a_panicking_write() {
         let dir = std::env::temp_dir().join(format!("rotsweep-writer-{}", std::process::id()));
@@ -878,11 +852,14 @@ mod tests {
         let store = Arc::new(Store::open(&dir).unwrap());
         let writer = Writer::start(store);
         let err = writer
-            .call(|_| -> Result<(), StoreError> { panic!("a bug in a store call") })
+            .call(|_, _| -> Result<(), StoreError> { panic!("a bug in a store call") })
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
-        let expired = writer.call(|s| s.expire_leases(0)).await.unwrap();
+        let expired = writer
+            .call(|s, tx| s.expire_leases_in(tx, 0))
+            .await
+            .unwrap();
         assert!(expired.is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -597,9 +597,17 @@ impl Store {
     /// Stores a spec and its job grid. The identical spec under the same name
     /// is a no-op; a different one is refused unless `new_version`.
     pub fn submit(&self, spec: &SweepSpec, new_version: bool) -> StoreResult<SubmitOutcome> {
+        self.write(|tx| self.submit_in(tx, spec, new_version))
+    }
+
+    /// [`Store::submit`] inside the caller's open transaction.
+    pub fn submit_in(
+        &self,
+        tx: &Connection,
+        spec: &SweepSpec,
+        new_version: bool,
+    ) -> StoreResult<SubmitOutcome> {
         let spec_json = spec.to_json();
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
 
         let versions: Vec<(String, String)> = {
             let mut stmt = tx.prepare(
@@ -658,7 +666,6 @@ impl Store {
                 ],
             )?;
         }
-        tx.commit()?;
         Ok(SubmitOutcome {
             sweep: name,
             n_jobs,
@@ -669,10 +676,12 @@ impl Store {
     /// Re-queues (or fails, or cancels) every RUNNING job whose lease
     /// deadline passed, and returns them.
     pub fn expire_leases(&self, now: i64) -> StoreResult<Vec<Expired>> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let expired = expire_in(&tx, now)?;
-        tx.commit()?;
+        self.write(|tx| self.expire_leases_in(tx, now))
+    }
+
+    /// [`Store::expire_leases`] inside the caller's open transaction.
+    pub fn expire_leases_in(&self, tx: &Connection, now: i64) -> StoreResult<Vec<Expired>> {
+        let expired = expire_in(tx, now)?;
         Ok(expired)
     }
 
@@ -699,9 +708,19 @@ impl Store {
         now: i64,
         ttl_ms: i64,
     ) -> StoreResult<LeaseOutcome> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let expired = expire_in(&tx, now)?;
+        self.write(|tx| self.lease_in(tx, worker_id, sweep, now, ttl_ms))
+    }
+
+    /// [`Store::lease`] inside the caller's open transaction.
+    pub fn lease_in(
+        &self,
+        tx: &Connection,
+        worker_id: &str,
+        sweep: Option<&str>,
+        now: i64,
+        ttl_ms: i64,
+    ) -> StoreResult<LeaseOutcome> {
+        let expired = expire_in(tx, now)?;
         if !expired.is_empty() {
             self.expired
                 .lock()
@@ -753,7 +772,6 @@ impl Store {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         if let (Some(until_ms), Some(_)) = (quarantined_until.filter(|&u| u > now), &candidate) {
-            tx.commit()?;
             return Ok(LeaseOutcome::Quarantined {
                 until_ms,
                 reason: format!(
@@ -809,7 +827,6 @@ impl Store {
                 }
             }
         };
-        tx.commit()?;
         Ok(outcome)
     }
 
@@ -820,14 +837,22 @@ impl Store {
 
     /// Extends a lease. Returns true when the job's sweep was cancelled.
     pub fn heartbeat(&self, at: &AttemptRef, now: i64, ttl_ms: i64) -> StoreResult<bool> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let cancelled = check_fence(&tx, at)?;
+        self.write(|tx| self.heartbeat_in(tx, at, now, ttl_ms))
+    }
+
+    /// [`Store::heartbeat`] inside the caller's open transaction.
+    pub fn heartbeat_in(
+        &self,
+        tx: &Connection,
+        at: &AttemptRef,
+        now: i64,
+        ttl_ms: i64,
+    ) -> StoreResult<bool> {
+        let cancelled = check_fence(tx, at)?;
         tx.execute(
             "UPDATE jobs SET lease_deadline_ms = ?1 WHERE id = ?2",
             params![now + ttl_ms, at.job_id],
         )?;
-        tx.commit()?;
         Ok(cancelled)
     }
 
@@ -857,21 +882,10 @@ impl Store {
     /// its savepoint and does not affect the others; if the commit itself
     /// fails, every report gets the error and nothing is stored.
     pub fn report_epochs(&self, reports: &[Report]) -> Vec<StoreResult<(bool, bool)>> {
-        let mut conn = self.lock();
         let mut answers = Vec::with_capacity(reports.len());
-        let committed = (|| -> StoreResult<()> {
-            let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for r in reports {
-                let sp = tx.savepoint()?;
-                let answer = store_report(&sp, r);
-                if answer.is_ok() {
-                    sp.commit()?;
-                }
-                answers.push(answer);
-            }
-            tx.commit()?;
-            Ok(())
-        })();
+        let committed = self.group(|tx| {
+            answers.extend(reports.iter().map(|r| self.report_in(tx, r)));
+        });
         match committed {
             Ok(()) => answers,
             Err(e) => {
@@ -884,20 +898,57 @@ impl Store {
         }
     }
 
+    /// Stores one report inside the caller's open transaction, under its
+    /// own savepoint: a refused report leaves nothing behind.
+    pub fn report_in(&self, tx: &Connection, r: &Report) -> StoreResult<(bool, bool)> {
+        in_savepoint(tx, |tx| store_report(tx, r))
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction and commits it: the frame of
+    /// every single write.
+    fn write<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs several writes in one IMMEDIATE transaction and commits them
+    /// together (group commit). Each write runs through a `*_in` method
+    /// under [`in_savepoint`], so one refused write rolls back alone; the
+    /// error returned is the commit's, which undoes them all.
+    pub fn group(&self, f: impl FnOnce(&Connection)) -> StoreResult<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        f(&tx);
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Stores a job's test result and ends its lease: COMPLETED, or INVALID
     /// when the accuracy is not finite. Completing a job of a cancelled
     /// sweep stores nothing and marks it CANCELLED. A completion re-sent by
     /// the attempt that already completed the job (its answer was lost) is
     /// a no-op.
     pub fn complete(&self, at: &AttemptRef, c: &Completion, now: i64) -> StoreResult<()> {
+        self.write(|tx| self.complete_in(tx, at, c, now))
+    }
+
+    /// [`Store::complete`] inside the caller's open transaction.
+    pub fn complete_in(
+        &self,
+        tx: &Connection,
+        at: &AttemptRef,
+        c: &Completion,
+        now: i64,
+    ) -> StoreResult<()> {
         let n = c.labels.len();
         if c.confusion.len() != n || c.confusion.iter().any(|row| row.len() != n) {
             return Err(StoreError::Invalid(format!(
                 "confusion matrix must be {n}x{n} for {n} labels"
             )));
         }
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Completion keeps the attempt's token, so a retry can be told from
         // a stale attempt.
         let done_by_this_attempt: bool = tx
@@ -912,14 +963,13 @@ impl Store {
         if done_by_this_attempt {
             return Ok(());
         }
-        let cancelled = check_fence(&tx, at)?;
-        let run_ms = run_ms_of(&tx, at.job_id, now)?;
+        let cancelled = check_fence(tx, at)?;
+        let run_ms = run_ms_of(tx, at.job_id, now)?;
         if cancelled {
             tx.execute(
                 "UPDATE jobs SET state = ?1, lease_deadline_ms = NULL, run_ms = ?2 WHERE id = ?3",
                 params![state::CANCELLED, run_ms, at.job_id],
             )?;
-            tx.commit()?;
             return Ok(());
         }
 
@@ -956,7 +1006,6 @@ impl Store {
              WHERE worker_id = (SELECT worker_id FROM jobs WHERE id = ?1)",
             [at.job_id],
         )?;
-        tx.commit()?;
         Ok(())
     }
 
@@ -974,12 +1023,22 @@ impl Store {
         cause: FailCause,
         now: i64,
     ) -> StoreResult<&'static str> {
+        self.write(|tx| self.fail_in(tx, at, reason, cause, now))
+    }
+
+    /// [`Store::fail`] inside the caller's open transaction.
+    pub fn fail_in(
+        &self,
+        tx: &Connection,
+        at: &AttemptRef,
+        reason: &str,
+        cause: FailCause,
+        now: i64,
+    ) -> StoreResult<&'static str> {
         let release = cause == FailCause::Release;
         let job_fault = matches!(cause, FailCause::Job | FailCause::Input);
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let cancelled = check_fence(&tx, at)?;
-        let run_ms = run_ms_of(&tx, at.job_id, now)?;
+        let cancelled = check_fence(tx, at)?;
+        let run_ms = run_ms_of(tx, at.job_id, now)?;
         let (max_attempts, released): (u32, u32) = tx.query_row(
             "SELECT s.max_attempts, j.released FROM sweeps s JOIN jobs j ON j.sweep_id = s.id \
              WHERE j.id = ?1",
@@ -992,7 +1051,6 @@ impl Store {
                  released = released + 1, run_ms = ?2 WHERE id = ?3",
                 params![state::PENDING, run_ms, at.job_id],
             )?;
-            tx.commit()?;
             return Ok(state::PENDING);
         }
         if cancelled {
@@ -1001,7 +1059,6 @@ impl Store {
                  last_error = ?2, run_ms = ?3 WHERE id = ?4",
                 params![state::CANCELLED, reason, run_ms, at.job_id],
             )?;
-            tx.commit()?;
             return Ok(state::CANCELLED);
         }
         let new_state =
@@ -1042,7 +1099,6 @@ impl Store {
                 [at.job_id],
             )?;
         }
-        tx.commit()?;
         Ok(new_state)
     }
 
@@ -1050,9 +1106,12 @@ impl Store {
     /// are told on their next heartbeat or report. Returns (pending
     /// cancelled, running signalled).
     pub fn cancel(&self, sweep: &str) -> StoreResult<(usize, usize)> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let sweep_id = sweep_id_in(&tx, sweep)?;
+        self.write(|tx| self.cancel_in(tx, sweep))
+    }
+
+    /// [`Store::cancel`] inside the caller's open transaction.
+    pub fn cancel_in(&self, tx: &Connection, sweep: &str) -> StoreResult<(usize, usize)> {
+        let sweep_id = sweep_id_in(tx, sweep)?;
         tx.execute("UPDATE sweeps SET cancelled = 1 WHERE id = ?1", [sweep_id])?;
         let pending = tx.execute(
             "UPDATE jobs SET state = ?1 WHERE sweep_id = ?2 AND state = ?3",
@@ -1063,13 +1122,17 @@ impl Store {
             params![sweep_id, state::RUNNING],
             |r| r.get(0),
         )?;
-        tx.commit()?;
         Ok((pending, running as usize))
     }
 
     /// Re-queues the sweep's jobs in `states` with a fresh attempt budget
     /// and lifts a cancel. Returns the number of jobs re-queued.
     pub fn resume(&self, sweep: &str, states: &[&str]) -> StoreResult<usize> {
+        self.write(|tx| self.resume_in(tx, sweep, states))
+    }
+
+    /// [`Store::resume`] inside the caller's open transaction.
+    pub fn resume_in(&self, tx: &Connection, sweep: &str, states: &[&str]) -> StoreResult<usize> {
         for s in states {
             if !matches!(*s, state::FAILED | state::CANCELLED | state::INVALID) {
                 return Err(StoreError::Invalid(format!(
@@ -1077,9 +1140,7 @@ impl Store {
                 )));
             }
         }
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let sweep_id = sweep_id_in(&tx, sweep)?;
+        let sweep_id = sweep_id_in(tx, sweep)?;
         tx.execute("UPDATE sweeps SET cancelled = 0 WHERE id = ?1", [sweep_id])?;
         let mut n = 0;
         for s in states {
@@ -1091,7 +1152,6 @@ impl Store {
                 params![state::PENDING, sweep_id, s],
             )?;
         }
-        tx.commit()?;
         Ok(n)
     }
 
@@ -1378,6 +1438,26 @@ pub struct Report {
     pub now: i64,
     /// Lease time the report renews.
     pub ttl_ms: i64,
+}
+
+/// Runs `f` under a savepoint of the open transaction: its changes stay
+/// when it succeeds and are rolled back when it fails, leaving the rest of
+/// the transaction as it was.
+pub fn in_savepoint<T>(
+    tx: &Connection,
+    f: impl FnOnce(&Connection) -> StoreResult<T>,
+) -> StoreResult<T> {
+    tx.execute_batch("SAVEPOINT one_write")?;
+    match f(tx) {
+        Ok(out) => {
+            tx.execute_batch("RELEASE one_write")?;
+            Ok(out)
+        }
+        Err(e) => {
+            tx.execute_batch("ROLLBACK TO one_write; RELEASE one_write")?;
+            Err(e)
+        }
+    }
 }
 
 /// Stores one report inside an open transaction; see
