@@ -70,6 +70,9 @@ def run(kind, rotation, folds, a):
 
     torch.manual_seed(a.seed * 1000 + rotation)
     model = Classifier(kind, a.max_len, vocab=len(vocab) + 2, classes=len(names))
+    if a.embedding_init == "keras":
+        # Keras' Embedding default, which rotsweep follows.
+        torch.nn.init.uniform_(model.embed.weight, -0.05, 0.05)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     best, best_state, since = -1.0, None, 0
     for epoch in range(1, a.epochs + 1):
@@ -101,6 +104,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--embedding-init", choices=["torch", "keras"], default="torch",
+                    help="torch: N(0, 1), PyTorch's default; keras: U(-0.05, 0.05)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
