@@ -20,6 +20,7 @@ import argparse
 import copy
 import csv
 import json
+import math
 import os
 import statistics
 
@@ -27,6 +28,34 @@ import torch
 from torch.nn import functional as F
 
 from ref_torch import Classifier
+
+
+def glorot_(w, fan_in, fan_out):
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    torch.nn.init.uniform_(w, -bound, bound)
+
+
+def keras_init(model):
+    """rotsweep's initialisers (worker/src/model.rs), which follow Keras':
+    U(-0.05, 0.05) embedding, Glorot uniform on every kernel counted over
+    the whole (stacked) matrix, zero biases."""
+    with torch.no_grad():
+        torch.nn.init.uniform_(model.embed.weight, -0.05, 0.05)
+        w = model.conv.weight  # (F, E, K)
+        glorot_(w, w.shape[1] * w.shape[2], w.shape[0] * w.shape[2])
+        for name, p in model.named_parameters():
+            if name.startswith("embed.") or name == "conv.weight":
+                continue
+            if name.endswith("norm.weight"):
+                torch.nn.init.ones_(p)
+            elif p.dim() == 1:
+                torch.nn.init.zeros_(p)
+            elif name.endswith("in_proj_weight"):
+                # Query, key and value: one (E, E) kernel each in rotsweep.
+                for chunk in p.chunk(3, dim=0):
+                    glorot_(chunk, chunk.shape[1], chunk.shape[0])
+            elif p.dim() == 2:
+                glorot_(p, p.shape[1], p.shape[0])
 
 
 def read_fold(path):
@@ -70,9 +99,8 @@ def run(kind, rotation, folds, a):
 
     torch.manual_seed(a.seed * 1000 + rotation)
     model = Classifier(kind, a.max_len, vocab=len(vocab) + 2, classes=len(names))
-    if a.embedding_init == "keras":
-        # Keras' Embedding default, which rotsweep follows.
-        torch.nn.init.uniform_(model.embed.weight, -0.05, 0.05)
+    if a.init == "keras":
+        keras_init(model)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     best, best_state, since = -1.0, None, 0
     for epoch in range(1, a.epochs + 1):
@@ -104,8 +132,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--embedding-init", choices=["torch", "keras"], default="torch",
-                    help="torch: N(0, 1), PyTorch's default; keras: U(-0.05, 0.05)")
+    ap.add_argument("--init", choices=["torch", "keras"], default="keras",
+                    help="keras: rotsweep's (and Keras') initialisers; torch: PyTorch's defaults")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
