@@ -110,27 +110,88 @@ enum Command {
     Summary(SummaryArgs),
 }
 
+/// Which job `train` and `summary` work on: a model of a sweep spec, or a
+/// model kind at its defaults over a data folder.
 #[derive(Debug, Args)]
-struct SummaryArgs {
+struct JobSource {
     /// Sweep spec (TOML); use with --model.
     #[arg(long, conflicts_with_all = ["data", "kind"], requires = "model")]
     spec: Option<PathBuf>,
     /// Model name in the spec (a key of its [models] table).
     #[arg(long, requires = "spec")]
     model: Option<String>,
-    /// Data folder of pfam_fold_{k}.csv files; model at defaults.
+    /// Data folder of pfam_fold_{k}.csv files; all settings at defaults.
     #[arg(long, requires = "kind")]
     data: Option<PathBuf>,
     /// Model kind when reading --data.
     #[arg(long, value_parser = parse_kind)]
     kind: Option<ModelKind>,
-    /// Rotation whose training folds fix the vocabulary and classes.
+    /// Rotation index (its training folds fix the vocabulary and classes).
     #[arg(long, default_value_t = 0)]
     rotation: usize,
     /// Sequence length (overrides the spec; default: longest training
     /// sequence).
     #[arg(long)]
     max_len: Option<usize>,
+}
+
+/// A [`JobSource`] read: the model's name, its data (with `--max-len`
+/// applied), its settings and the training settings.
+struct SourcedJob {
+    name: String,
+    data: DataSpec,
+    model: ModelSpec,
+    train: TrainSpec,
+}
+
+impl JobSource {
+    fn resolve(&self) -> anyhow::Result<SourcedJob> {
+        let mut job = match (&self.spec, &self.data, self.kind) {
+            (Some(path), _, _) => {
+                let spec = SweepSpec::from_path(path)
+                    .with_context(|| format!("reading sweep spec {}", path.display()))?;
+                let name = self.model.clone().unwrap_or_default();
+                let Some(model) = spec.models.get(&name) else {
+                    let names: Vec<&str> = spec.models.keys().map(String::as_str).collect();
+                    bail!(
+                        "spec {} has no model `{name}` (it has: {})",
+                        path.display(),
+                        names.join(", ")
+                    );
+                };
+                SourcedJob {
+                    name,
+                    model: model.clone(),
+                    data: spec.data,
+                    train: spec.train,
+                }
+            }
+            (None, Some(dir), Some(kind)) => SourcedJob {
+                name: kind.as_str().to_string(),
+                data: DataSpec {
+                    dir: dir.clone(),
+                    version: String::new(),
+                    folds: 5,
+                    train_folds: 3,
+                    rotations: None,
+                    max_len: None,
+                },
+                model: ModelSpec::new(kind),
+                train: TrainSpec::default(),
+            },
+            _ => bail!("give --spec FILE --model NAME, or --data DIR --kind KIND"),
+        };
+        if self.max_len.is_some() {
+            job.data.max_len = self.max_len;
+        }
+        Ok(job)
+    }
+}
+
+#[derive(Debug, Args)]
+struct SummaryArgs {
+    #[command(flatten)]
+    source: JobSource,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -147,25 +208,8 @@ enum Format {
 
 #[derive(Debug, Args)]
 struct TrainArgs {
-    /// Sweep spec (TOML); use with --model.
-    #[arg(long, conflicts_with_all = ["data", "kind"], requires = "model")]
-    spec: Option<PathBuf>,
-    /// Model name in the spec (a key of its [models] table).
-    #[arg(long, requires = "spec")]
-    model: Option<String>,
-    /// Data folder of pfam_fold_{k}.csv files; all settings at defaults.
-    #[arg(long, requires = "kind")]
-    data: Option<PathBuf>,
-    /// Model kind when training from --data.
-    #[arg(long, value_parser = parse_kind)]
-    kind: Option<ModelKind>,
-    /// Rotation index.
-    #[arg(long, default_value_t = 0)]
-    rotation: usize,
-    /// Sequence length (overrides the spec; default: longest training
-    /// sequence).
-    #[arg(long)]
-    max_len: Option<usize>,
+    #[command(flatten)]
+    source: JobSource,
     /// Maximum epochs (overrides the spec).
     #[arg(long)]
     epochs: Option<usize>,
@@ -347,39 +391,13 @@ struct TrainPlan {
 
 impl TrainPlan {
     fn resolve(args: TrainArgs) -> anyhow::Result<Self> {
-        let (mut data, model, mut train) = match (&args.spec, &args.data) {
-            (Some(path), _) => {
-                let spec = SweepSpec::from_path(path)
-                    .with_context(|| format!("reading sweep spec {}", path.display()))?;
-                let name = args.model.as_deref().unwrap_or_default();
-                let Some(model) = spec.models.get(name) else {
-                    let names: Vec<&str> = spec.models.keys().map(String::as_str).collect();
-                    bail!(
-                        "spec {} has no model `{name}` (it has: {})",
-                        path.display(),
-                        names.join(", ")
-                    );
-                };
-                (spec.data.clone(), model.clone(), spec.train.clone())
-            }
-            (None, Some(dir)) => {
-                let kind = args.kind.context("--data needs --kind")?;
-                let data = DataSpec {
-                    dir: dir.clone(),
-                    version: String::new(),
-                    folds: 5,
-                    train_folds: 3,
-                    rotations: None,
-                    max_len: None,
-                };
-                (data, ModelSpec::new(kind), TrainSpec::default())
-            }
-            (None, None) => bail!("give --spec FILE --model NAME, or --data DIR --kind KIND"),
-        };
-
-        if args.max_len.is_some() {
-            data.max_len = args.max_len;
-        }
+        let SourcedJob {
+            data,
+            model,
+            mut train,
+            ..
+        } = args.source.resolve()?;
+        let rotation = args.source.rotation;
         if let Some(epochs) = args.epochs {
             train.epochs = epochs;
         }
@@ -389,12 +407,8 @@ impl TrainPlan {
         if train.epochs == 0 || train.steps_per_epoch == Some(0) || data.max_len == Some(0) {
             bail!("--epochs, --steps-per-epoch and --max-len must be positive");
         }
-        if args.rotation >= data.folds {
-            bail!(
-                "rotation {} is not below folds = {}",
-                args.rotation,
-                data.folds
-            );
+        if rotation >= data.folds {
+            bail!("rotation {rotation} is not below folds = {}", data.folds);
         }
         let device = parse_device(&args.device)?;
 
@@ -402,7 +416,7 @@ impl TrainPlan {
             data,
             model,
             train,
-            rotation: args.rotation,
+            rotation,
             device,
             format: args.format,
             checkpoint_dir: args.checkpoint_dir,
@@ -612,41 +626,13 @@ fn print_outcome(format: Format, outcome: &TrainOutcome) -> anyhow::Result<()> {
 /// Builds the model on the CPU, exactly as a job of this rotation would,
 /// and prints its layer table.
 fn run_summary(args: SummaryArgs) -> anyhow::Result<()> {
-    let (name, mut data, model) = match (&args.spec, &args.data, &args.kind) {
-        (Some(path), _, _) => {
-            let spec = SweepSpec::from_path(path)
-                .with_context(|| format!("reading sweep spec {}", path.display()))?;
-            let name = args.model.clone().unwrap_or_default();
-            let Some(model) = spec.models.get(&name) else {
-                let names: Vec<&str> = spec.models.keys().map(String::as_str).collect();
-                bail!(
-                    "spec {} has no model `{name}` (it has: {})",
-                    path.display(),
-                    names.join(", ")
-                );
-            };
-            (name, spec.data.clone(), model.clone())
-        }
-        (None, Some(dir), Some(kind)) => {
-            let data = DataSpec {
-                dir: dir.clone(),
-                version: String::new(),
-                folds: 5,
-                train_folds: 3,
-                rotations: None,
-                max_len: None,
-            };
-            (kind.as_str().to_string(), data, ModelSpec::new(*kind))
-        }
-        _ => bail!("give --spec FILE --model NAME, or --data DIR --kind KIND"),
-    };
-    if args.max_len.is_some() {
-        data.max_len = args.max_len;
-    }
-    let rotation = load_rotation(&data, args.rotation).with_context(|| {
+    let SourcedJob {
+        name, data, model, ..
+    } = args.source.resolve()?;
+    let rotation = load_rotation(&data, args.source.rotation).with_context(|| {
         format!(
             "loading rotation {} of {}",
-            args.rotation,
+            args.source.rotation,
             data.dir.display()
         )
     })?;
@@ -666,7 +652,7 @@ fn run_summary(args: SummaryArgs) -> anyhow::Result<()> {
             outln!(
                 "model {name} ({}), rotation {}: vocabulary {}, {} classes, sequence length {}",
                 model.kind.as_str(),
-                args.rotation,
+                args.source.rotation,
                 rotation.vocab.size(),
                 rotation.labels.len(),
                 rotation.max_len
@@ -678,7 +664,7 @@ fn run_summary(args: SummaryArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "model": name,
                 "kind": model.kind.as_str(),
-                "rotation": args.rotation,
+                "rotation": args.source.rotation,
                 "vocab_size": rotation.vocab.size(),
                 "n_classes": rotation.labels.len(),
                 "max_len": rotation.max_len,
