@@ -371,10 +371,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let sweep = (!req.sweep.is_empty()).then_some(req.sweep);
         let (expired, outcome) = self
             .write(move |s, tx| {
-                let now = store::now_ms();
-                let mut expired = s.expire_leases_in(tx, now)?;
-                let outcome = s.lease_in(tx, &worker_id, sweep.as_deref(), now, ttl);
-                expired.extend(s.take_expired());
+                // The lease expires overdue leases first; they are published
+                // once the group commits.
+                let outcome = s.lease_in(tx, &worker_id, sweep.as_deref(), store::now_ms(), ttl);
+                let expired = s.take_expired();
                 Ok((expired, outcome?))
             })
             .await?;

@@ -884,7 +884,11 @@ impl Store {
     pub fn report_epochs(&self, reports: &[Report]) -> Vec<StoreResult<(bool, bool)>> {
         let mut answers = Vec::with_capacity(reports.len());
         let committed = self.group(|tx| {
-            answers.extend(reports.iter().map(|r| self.report_in(tx, r)));
+            answers.extend(
+                reports
+                    .iter()
+                    .map(|r| in_savepoint(tx, |tx| self.report_in(tx, r))),
+            );
         });
         match committed {
             Ok(()) => answers,
@@ -898,10 +902,63 @@ impl Store {
         }
     }
 
-    /// Stores one report inside the caller's open transaction, under its
-    /// own savepoint: a refused report leaves nothing behind.
-    pub fn report_in(&self, tx: &Connection, r: &Report) -> StoreResult<(bool, bool)> {
-        in_savepoint(tx, |tx| store_report(tx, r))
+    /// [`Store::report_epoch`] inside the caller's open transaction; like
+    /// every `*_in` method it leaves a refused write's partial changes to
+    /// the caller's savepoint ([`in_savepoint`]).
+    pub fn report_in(&self, conn: &Connection, r: &Report) -> StoreResult<(bool, bool)> {
+        let (at, m) = (&r.at, &r.metrics);
+        if m.epoch == 0 {
+            return Err(StoreError::Invalid("epoch numbers start at 1".into()));
+        }
+        let cancelled = check_fence(conn, at)?;
+        let n = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO epochs (job_id, attempt, epoch, train_loss, train_accuracy, \
+                 val_loss, val_accuracy, seconds, examples_per_second) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                at.job_id,
+                at.attempt,
+                m.epoch,
+                m.train_loss,
+                m.train_accuracy,
+                m.val_loss,
+                m.val_accuracy,
+                m.seconds,
+                m.examples_per_second
+            ])?;
+
+        // Keep the status columns (last epoch, best monitored metric) current.
+        // A job has at most a few hundred rows, and the primary key finds them.
+        let monitor: String = conn
+            .prepare_cached(
+                "SELECT s.monitor FROM sweeps s JOIN jobs j ON j.sweep_id = s.id WHERE j.id = ?1",
+            )?
+            .query_row([at.job_id], |r| r.get(0))?;
+        let best_sql = if monitor == "val_loss" {
+            "MIN(val_loss)"
+        } else {
+            "MAX(val_accuracy)"
+        };
+        let (last_epoch, best): (Option<u32>, Option<f64>) = conn
+            .prepare_cached(&format!(
+                "SELECT MAX(epoch), {best_sql} FROM epochs e WHERE job_id = ?1 AND {VISIBLE_EPOCHS}"
+            ))?
+            .query_row([at.job_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        conn.prepare_cached(
+            "UPDATE jobs SET last_epoch = ?1, best_metric = ?2, lease_deadline_ms = ?3 WHERE id = ?4",
+        )?
+        .execute(params![
+            last_epoch.unwrap_or(0),
+            best,
+            r.now + r.ttl_ms,
+            at.job_id
+        ])?;
+        if n == 1 {
+            note_epoch_time(conn, at.job_id, m.seconds)?;
+        }
+        Ok((n == 1, cancelled))
     }
 
     /// Runs `f` in one IMMEDIATE transaction and commits it: the frame of
@@ -1458,64 +1515,6 @@ pub fn in_savepoint<T>(
             Err(e)
         }
     }
-}
-
-/// Stores one report inside an open transaction; see
-/// [`Store::report_epoch`].
-fn store_report(conn: &Connection, r: &Report) -> StoreResult<(bool, bool)> {
-    let (at, m) = (&r.at, &r.metrics);
-    if m.epoch == 0 {
-        return Err(StoreError::Invalid("epoch numbers start at 1".into()));
-    }
-    let cancelled = check_fence(conn, at)?;
-    let n = conn
-        .prepare_cached(
-            "INSERT OR IGNORE INTO epochs (job_id, attempt, epoch, train_loss, train_accuracy, \
-             val_loss, val_accuracy, seconds, examples_per_second) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?
-        .execute(params![
-            at.job_id,
-            at.attempt,
-            m.epoch,
-            m.train_loss,
-            m.train_accuracy,
-            m.val_loss,
-            m.val_accuracy,
-            m.seconds,
-            m.examples_per_second
-        ])?;
-
-    // Keep the status columns (last epoch, best monitored metric) current.
-    // A job has at most a few hundred rows, and the primary key finds them.
-    let monitor: String = conn
-        .prepare_cached(
-            "SELECT s.monitor FROM sweeps s JOIN jobs j ON j.sweep_id = s.id WHERE j.id = ?1",
-        )?
-        .query_row([at.job_id], |r| r.get(0))?;
-    let best_sql = if monitor == "val_loss" {
-        "MIN(val_loss)"
-    } else {
-        "MAX(val_accuracy)"
-    };
-    let (last_epoch, best): (Option<u32>, Option<f64>) = conn
-        .prepare_cached(&format!(
-            "SELECT MAX(epoch), {best_sql} FROM epochs e WHERE job_id = ?1 AND {VISIBLE_EPOCHS}"
-        ))?
-        .query_row([at.job_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    conn.prepare_cached(
-        "UPDATE jobs SET last_epoch = ?1, best_metric = ?2, lease_deadline_ms = ?3 WHERE id = ?4",
-    )?
-    .execute(params![
-        last_epoch.unwrap_or(0),
-        best,
-        r.now + r.ttl_ms,
-        at.job_id
-    ])?;
-    if n == 1 {
-        note_epoch_time(conn, at.job_id, m.seconds)?;
-    }
-    Ok((n == 1, cancelled))
 }
 
 /// Adds one measured epoch time to its model's running totals, and
