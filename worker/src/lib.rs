@@ -4,6 +4,8 @@
 //! - [`model`]: the SimpleRNN, GRU and attention classifiers and their
 //!   seeded initialisation.
 //! - [`recurrent`]: the recurrent layers' fused ops (hand-written BPTT).
+//! - [`attention`]: all heads' attention as one op, with a row-at-a-time
+//!   CPU kernel.
 //! - [`ops`]: bias, scale and pooling ops with fast CPU gradients.
 //! - [`agent`]: the lease loop against a coordinator (heartbeats, one
 //!   report per epoch, completion, graceful release).
@@ -14,6 +16,7 @@
 
 pub mod adam;
 pub mod agent;
+pub mod attention;
 pub mod error;
 pub mod model;
 pub mod ops;

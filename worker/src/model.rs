@@ -29,7 +29,8 @@
 //! `LayerNorm` and `softmax_last_dim` cut the autograd graph, so the layer
 //! norm and the attention softmax here are ops with hand-written backward
 //! passes ([`crate::ops::layer_norm`], [`crate::ops::softmax_last_dim`]),
-//! tested against the plain differentiable compositions.
+//! tested against the plain differentiable compositions. On the CPU the
+//! whole attention of a block is one op ([`crate::attention`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -39,7 +40,8 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use rotsweep_shared::rng::{mix_seed, SplitMix64};
 use rotsweep_shared::spec::{ModelKind, ModelSpec};
 
-use crate::ops::{add_bias, avg_pool, layer_norm, softmax_last_dim};
+use crate::attention::{attention, AttentionKernel};
+use crate::ops::{add_bias, avg_pool, layer_norm};
 use crate::recurrent::{gru_sequence, rnn_sequence, Cell, Recurrence};
 use crate::{Error, Result};
 
@@ -143,25 +145,13 @@ impl AttentionBlock {
     }
 
     /// `xs`: `(B, T, D)` -> `(B, T, D)`.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = xs.dims3()?;
-        let split = |x: Tensor| -> Result<Tensor> {
-            Ok(x.reshape((b, t, self.heads, self.key_size))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
+    fn forward(&self, xs: &Tensor, kernel: AttentionKernel) -> Result<Tensor> {
         let scale = 1.0 / (self.key_size as f64).sqrt();
-        let q = split((self.query.forward(xs)? * scale)?)?;
-        let k = split(self.key.forward(xs)?)?;
-        let v = split(self.value.forward(xs)?)?;
-
-        // (B, h, T, T) scores; a softmax with a backward pass on purpose.
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        let attn = softmax_last_dim(&scores)?;
-        let mixed =
-            attn.matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, self.heads * self.key_size))?;
+        let q = (self.query.forward(xs)? * scale)?;
+        let k = self.key.forward(xs)?;
+        let v = self.value.forward(xs)?;
+        // (B, T, h*d): every head's softmax(q k^T) v, heads side by side.
+        let mixed = attention(&q, &k, &v, self.heads, kernel)?;
         let ys = (xs + self.output.forward(&mixed)?)?;
         Ok(layer_norm(&ys, &self.gamma, &self.beta, LAYER_NORM_EPS)?)
     }
@@ -198,6 +188,7 @@ pub struct Model {
     dense: Vec<Dense>,
     output: Dense,
     recurrence: Recurrence,
+    attention: AttentionKernel,
     /// Stream for dropout masks; its state is part of a checkpoint.
     dropout_rng: Mutex<SplitMix64>,
     layers: Vec<LayerInfo>,
@@ -342,6 +333,7 @@ impl Model {
             dense: dense_layers,
             output,
             recurrence: Recurrence::default(),
+            attention: AttentionKernel::default(),
             dropout_rng: Mutex::new(SplitMix64::new(0)),
             layers,
         })
@@ -351,6 +343,13 @@ impl Model {
     /// composed one is the slow reference used in tests).
     pub fn with_recurrence(mut self, recurrence: Recurrence) -> Self {
         self.recurrence = recurrence;
+        self
+    }
+
+    /// Chooses the attention implementation (the fused op on the CPU by
+    /// default; the composed one is the slow reference).
+    pub fn with_attention(mut self, kernel: AttentionKernel) -> Self {
+        self.attention = kernel;
         self
     }
 
@@ -451,9 +450,9 @@ impl Model {
                 // Batch-major (B, T0, F).
                 let mut xs = finish_conv(conv)?;
                 for block in modules {
-                    xs = avg_pool(&block.forward(&xs)?, 1, pool)?;
+                    xs = avg_pool(&block.forward(&xs, self.attention)?, 1, pool)?;
                 }
-                last.forward(&xs)?.max(1)?
+                last.forward(&xs, self.attention)?.max(1)?
             }
         };
 
