@@ -17,6 +17,7 @@
 pub mod adam;
 pub mod agent;
 pub mod attention;
+mod cpu;
 pub mod error;
 pub mod model;
 pub mod ops;

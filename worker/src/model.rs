@@ -956,8 +956,14 @@ mod tests {
     #[test]
     fn fused_recurrences_match_the_composition_with_gradients() -> Result<()> {
         let mut rng = SplitMix64::new(11);
-        for (cell, n_steps) in [(Cell::Rnn, 5), (Cell::Gru, 5), (Cell::Gru, 1)] {
-            let (b, h) = (3, 4);
+        for (cell, n_steps) in [
+            (Cell::Rnn, 5),
+            (Cell::Gru, 5),
+            (Cell::Gru, 1),
+            (Cell::Rnn, 1),
+        ] {
+            // h = 11: no whole SIMD chunk, and a remainder past one.
+            let (b, h) = (3, 11);
             let g = cell.gates() * h;
             let xp = random_var(&[n_steps, b, g], &mut rng)?;
             let w = random_var(&[g, h], &mut rng)?;
@@ -965,12 +971,15 @@ mod tests {
             let probe = random_var(&[n_steps, b, h], &mut rng)?;
 
             let mut results = Vec::new();
-            for how in [Recurrence::Fused, Recurrence::Composed] {
-                let hs = match cell {
-                    Cell::Rnn => rnn_sequence(xp.as_tensor(), w.as_tensor(), how)?,
-                    Cell::Gru => {
-                        gru_sequence(xp.as_tensor(), w.as_tensor(), bias.as_tensor(), how)?
-                    }
+            // The CPU kernel (Fused here), the tensor-op version used on
+            // CUDA, and the per-step composition.
+            for how in [Some(Recurrence::Fused), None, Some(Recurrence::Composed)] {
+                let (x, wt, bt) = (xp.as_tensor(), w.as_tensor(), bias.as_tensor());
+                let hs = match (cell, how) {
+                    (Cell::Rnn, Some(how)) => rnn_sequence(x, wt, how)?,
+                    (Cell::Rnn, None) => crate::recurrent::rnn_ops(x, wt)?,
+                    (Cell::Gru, Some(how)) => gru_sequence(x, wt, bt, how)?,
+                    (Cell::Gru, None) => crate::recurrent::gru_ops(x, wt, bt)?,
                 };
                 let grads = (&hs * probe.as_tensor())?.sum_all()?.backward()?;
                 let mut flat = vec![hs.flatten_all()?.to_vec1::<f32>()?];
@@ -987,8 +996,10 @@ mod tests {
                 }
                 results.push(flat);
             }
-            for (fused, composed) in results[0].iter().zip(&results[1]) {
-                assert_close(fused, composed, 1e-5);
+            for other in &results[..2] {
+                for (fused, composed) in other.iter().zip(&results[2]) {
+                    assert_close(fused, composed, 1e-5);
+                }
             }
         }
         Ok(())

@@ -16,15 +16,20 @@
 //!    recurrent weight gradient is one (T*B x G*H)^T (T*B x H) matmul at the
 //!    end instead of one matmul per step.
 //!
-//! The op only copies a finished tensor in its forward (the pattern of
-//! [`crate::ops`]), so it runs on any device whose storage can be cloned
-//! (CPU and CUDA).
+//! On the CPU, steps 2 and 3 are plain loops over slices
+//! ([`crate::cpu`]): one GEMM per step (the recurrent product, written
+//! into a preallocated buffer), the gate arithmetic in one vectorised pass,
+//! and no tensor, allocation or graph node per step. Elsewhere the
+//! recurrence runs as detached tensor ops and the op only copies the
+//! finished tensor in its forward (the pattern of [`crate::ops`]), so it
+//! runs on any device whose storage can be cloned (CUDA).
 //!
-//! FIXME(#5): the CUDA path of these ops has not run on a GPU yet; a test
-//! on one should compare it with [`Recurrence::Composed`] as the CPU tests
-//! do. The plain per-step
-//! composition is kept as [`Recurrence::Composed`]; tests check that both
-//! give the same values and gradients.
+//! FIXME(#5): the CUDA path of these ops has not run on a GPU yet (the
+//! CPU tests run its tensor-op version, `rnn_ops` / `gru_ops`, against
+//! [`Recurrence::Composed`]); a test on a GPU should do the same there.
+//!
+//! The plain per-step composition is kept as [`Recurrence::Composed`];
+//! tests check that all three give the same values and gradients.
 //!
 //! Conventions: tensors are time-major, `(T, B, features)`. Weights follow
 //! candle's `Linear` layout `(out, in)`. The GRU is the "reset after"
@@ -41,8 +46,9 @@
 //! SimpleRNN (Keras): `h' = tanh(x W_ih^T + b + h W_hh^T)`, one bias.
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Shape};
-use candle_core::{IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 
+use crate::cpu::{gemm_into, matmul, simd, simd_dispatch, with_slices, Gemm, Mat, MatMut};
 use crate::ops::{cpu_result, cuda_result, fresh, sum_rows};
 
 /// Which implementation a recurrent layer uses.
@@ -140,6 +146,23 @@ fn gru_composed(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor) -> candle_core::Resul
 }
 
 fn rnn_fused(xp: &Tensor, w_hh: &Tensor) -> candle_core::Result<Tensor> {
+    if xp.device().is_cpu() && xp.dtype() == DType::F32 {
+        rnn_cpu(xp, w_hh)
+    } else {
+        rnn_ops(xp, w_hh)
+    }
+}
+
+fn gru_fused(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor) -> candle_core::Result<Tensor> {
+    if xp.device().is_cpu() && xp.dtype() == DType::F32 {
+        gru_cpu(xp, w_hh, b_hh)
+    } else {
+        gru_ops(xp, w_hh, b_hh)
+    }
+}
+
+/// The fused SimpleRNN from device-generic tensor ops (CUDA).
+pub(crate) fn rnn_ops(xp: &Tensor, w_hh: &Tensor) -> candle_core::Result<Tensor> {
     let (n_steps, b, h) = xp.dims3()?;
     let xs = xp.detach().contiguous()?;
     let wt = w_hh.detach().t()?.contiguous()?;
@@ -152,10 +175,11 @@ fn rnn_fused(xp: &Tensor, w_hh: &Tensor) -> candle_core::Result<Tensor> {
     }
     let hs = fresh(Tensor::stack(&states, 0)?)?;
 
-    xp.apply_op2(w_hh, RnnOp { hs })
+    xp.apply_op2(w_hh, RnnOp { hs, native: false })
 }
 
-fn gru_fused(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor) -> candle_core::Result<Tensor> {
+/// The fused GRU from device-generic tensor ops (CUDA).
+pub(crate) fn gru_ops(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor) -> candle_core::Result<Tensor> {
     let (n_steps, b, h3) = xp.dims3()?;
     let h = h3 / 3;
     let xs = xp.detach().contiguous()?;
@@ -203,6 +227,9 @@ fn previous_states(hs: &Tensor) -> candle_core::Result<Tensor> {
 struct RnnOp {
     /// Hidden states computed on detached inputs, `(T, B, H)`.
     hs: Tensor,
+    /// Backward with the CPU kernel ([`rnn_backward`]) instead of tensor
+    /// ops.
+    native: bool,
 }
 
 impl CustomOp2 for RnnOp {
@@ -240,6 +267,21 @@ impl CustomOp2 for RnnOp {
         let (n_steps, b, h) = self.hs.dims3()?;
         let grad = grad.detach().contiguous()?;
         let w = w_hh.detach();
+        if self.native {
+            let dims = Steps { n_steps, b, h };
+            let w = w.contiguous()?;
+            let (da, dw) = with_slices(&[&grad, &self.hs, &w], |s| {
+                Ok(simd_dispatch!(
+                    rnn_backward,
+                    rnn_backward_avx2(s[0], s[1], s[2], dims)
+                ))
+            })?;
+            let device = w_hh.device();
+            return Ok((
+                Some(Tensor::from_vec(da, (n_steps, b, h), device)?),
+                Some(Tensor::from_vec(dw, (h, h), device)?),
+            ));
+        }
         let dtanh = (1.0 - self.hs.sqr()?)?;
 
         // dL/d(pre-activation) per step, newest first.
@@ -351,5 +393,366 @@ impl CustomOp3 for GruOp {
         let dw = flat.t()?.matmul(&prev.reshape((n_steps * b, h))?)?;
         let db = sum_rows(&flat)?;
         Ok((Some(dxp), Some(dw), Some(db)))
+    }
+}
+
+/// SimpleRNN on the CPU: one GEMM per step and plain loops, no graph.
+fn rnn_cpu(xp: &Tensor, w_hh: &Tensor) -> candle_core::Result<Tensor> {
+    let (n_steps, b, h) = xp.dims3()?;
+    let dims = Steps { n_steps, b, h };
+    let xs = xp.detach().contiguous()?;
+    let w = w_hh.detach().contiguous()?;
+    let mut hs = vec![0f32; n_steps * b * h];
+    with_slices(&[&xs, &w], |s| {
+        simd_dispatch!(rnn_forward, rnn_forward_avx2(s[0], s[1], &mut hs, dims));
+        Ok(())
+    })?;
+    let hs = Tensor::from_vec(hs, (n_steps, b, h), xp.device())?;
+    xp.apply_op2(w_hh, RnnOp { hs, native: true })
+}
+
+/// GRU on the CPU: one GEMM per step and plain loops, no graph.
+fn gru_cpu(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor) -> candle_core::Result<Tensor> {
+    let (n_steps, b, h3) = xp.dims3()?;
+    let dims = Steps {
+        n_steps,
+        b,
+        h: h3 / 3,
+    };
+    let xs = xp.detach().contiguous()?;
+    let w = w_hh.detach().contiguous()?;
+    let bias = b_hh.detach().contiguous()?;
+    let n = n_steps * b * dims.h;
+    let mut saved = GruSaved {
+        hs: vec![0f32; n],
+        r: vec![0f32; n],
+        z: vec![0f32; n],
+        hn: vec![0f32; n],
+        n: vec![0f32; n],
+    };
+    with_slices(&[&xs, &w, &bias], |s| {
+        simd_dispatch!(
+            gru_forward,
+            gru_forward_avx2(s[0], s[1], s[2], &mut saved, dims)
+        );
+        Ok(())
+    })?;
+    let hs = Tensor::from_vec(
+        std::mem::take(&mut saved.hs),
+        (n_steps, b, dims.h),
+        xp.device(),
+    )?;
+    xp.apply_op3(w_hh, b_hh, GruCpuOp { hs, saved, dims })
+}
+
+/// Sizes of a recurrence: steps, batch, units.
+#[derive(Debug, Clone, Copy)]
+struct Steps {
+    n_steps: usize,
+    b: usize,
+    h: usize,
+}
+
+impl Steps {
+    /// Elements of one step's `(B, H)` block.
+    fn block(&self) -> usize {
+        self.b * self.h
+    }
+}
+
+/// `hs[t] = tanh(x[t] + hs[t-1] W^T)`, all `(B, H)`; `w` is `(H, H)`.
+#[inline(always)]
+fn rnn_forward(x: &[f32], w: &[f32], hs: &mut [f32], dims: Steps) {
+    let (bh, h) = (dims.block(), dims.h);
+    for t in 0..dims.n_steps {
+        let (before, rest) = hs.split_at_mut(t * bh);
+        let cur = &mut rest[..bh];
+        cur.copy_from_slice(&x[t * bh..(t + 1) * bh]);
+        if t > 0 {
+            gemm_into(
+                MatMut::new(cur, dims.b, h, h, 1),
+                Mat::new(&before[(t - 1) * bh..], dims.b, h, h, 1),
+                Mat::new(w, h, h, 1, h),
+                Gemm {
+                    accumulate: true,
+                    parallel: false,
+                },
+            );
+        }
+        for v in cur.iter_mut() {
+            *v = simd::tanh(*v);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rnn_forward_avx2(x: &[f32], w: &[f32], hs: &mut [f32], dims: Steps) {
+    rnn_forward(x, w, hs, dims)
+}
+
+/// BPTT of [`rnn_forward`]: returns `(dx, dW)`.
+#[inline(always)]
+fn rnn_backward(grad: &[f32], hs: &[f32], w: &[f32], dims: Steps) -> (Vec<f32>, Vec<f32>) {
+    let (bh, h) = (dims.block(), dims.h);
+    let mut da = vec![0f32; dims.n_steps * bh];
+    let mut carry = vec![0f32; bh];
+    for t in (0..dims.n_steps).rev() {
+        let cur = &mut da[t * bh..(t + 1) * bh];
+        let (g, hs_t) = (&grad[t * bh..(t + 1) * bh], &hs[t * bh..(t + 1) * bh]);
+        for (((a, &g), &c), &y) in cur.iter_mut().zip(g).zip(&carry).zip(hs_t) {
+            *a = (g + c) * (1.0 - y * y);
+        }
+        if t > 0 {
+            matmul(
+                MatMut::new(&mut carry, dims.b, h, h, 1),
+                Mat::new(cur, dims.b, h, h, 1),
+                Mat::new(w, h, h, h, 1),
+            );
+        }
+    }
+    let mut dw = vec![0f32; h * h];
+    weight_gradient(&da, hs, &mut dw, dims, h);
+    (da, dw)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rnn_backward_avx2(
+    grad: &[f32],
+    hs: &[f32],
+    w: &[f32],
+    dims: Steps,
+) -> (Vec<f32>, Vec<f32>) {
+    rnn_backward(grad, hs, w, dims)
+}
+
+/// `dW = sum over t >= 1 of dpre[t]^T hs[t-1]`: one `(G, (T-1) B) x ((T-1)
+/// B, H)` product; `dpre` is `(T, B, G)` (step 0's previous state is zero).
+fn weight_gradient(dpre: &[f32], hs: &[f32], dw: &mut [f32], dims: Steps, g: usize) {
+    let (b, h) = (dims.b, dims.h);
+    let rows = (dims.n_steps - 1) * b;
+    if rows == 0 {
+        return;
+    }
+    gemm_into(
+        MatMut::new(dw, g, h, h, 1),
+        Mat::new(&dpre[b * g..], g, rows, 1, g),
+        Mat::new(hs, rows, h, h, 1),
+        Gemm {
+            accumulate: false,
+            parallel: true,
+        },
+    );
+}
+
+/// What the GRU's backward pass needs, each `(T, B, H)`.
+struct GruSaved {
+    hs: Vec<f32>,
+    r: Vec<f32>,
+    z: Vec<f32>,
+    /// `h W_hn^T + b_hn`.
+    hn: Vec<f32>,
+    n: Vec<f32>,
+}
+
+/// The GRU recurrence (module docs) on slices: `x` `(T, B, 3H)`, `w` `(3H,
+/// H)`, `bias` `(3H)`.
+#[inline(always)]
+fn gru_forward(x: &[f32], w: &[f32], bias: &[f32], saved: &mut GruSaved, dims: Steps) {
+    let (b, h) = (dims.b, dims.h);
+    let bh = dims.block();
+    let mut hp = vec![0f32; b * 3 * h];
+    let zeros = vec![0f32; bh];
+    for t in 0..dims.n_steps {
+        for row in hp.chunks_exact_mut(3 * h) {
+            row.copy_from_slice(bias);
+        }
+        let (before, rest) = saved.hs.split_at_mut(t * bh);
+        let prev = if t > 0 {
+            let prev = &before[(t - 1) * bh..];
+            gemm_into(
+                MatMut::new(&mut hp, b, 3 * h, 3 * h, 1),
+                Mat::new(prev, b, h, h, 1),
+                Mat::new(w, h, 3 * h, 1, h),
+                Gemm {
+                    accumulate: true,
+                    parallel: false,
+                },
+            );
+            &prev[..bh]
+        } else {
+            &zeros[..]
+        };
+        let at = t * bh..(t + 1) * bh;
+        let cur = &mut rest[..bh];
+        let (r, z) = (&mut saved.r[at.clone()], &mut saved.z[at.clone()]);
+        let (hn, n) = (&mut saved.hn[at.clone()], &mut saved.n[at]);
+        for bi in 0..b {
+            let xr = &x[(t * b + bi) * 3 * h..][..3 * h];
+            let hr = &hp[bi * 3 * h..][..3 * h];
+            let u = bi * h..(bi + 1) * h;
+            let rows = r[u.clone()]
+                .iter_mut()
+                .zip(&mut z[u.clone()])
+                .zip(&mut hn[u.clone()])
+                .zip(&mut n[u.clone()])
+                .zip(&mut cur[u.clone()])
+                .zip(&prev[u]);
+            for (j, (((((r, z), hn), n), y), &hprev)) in rows.enumerate() {
+                *r = simd::sigmoid(xr[j] + hr[j]);
+                *z = simd::sigmoid(xr[h + j] + hr[h + j]);
+                *hn = hr[2 * h + j];
+                *n = simd::tanh(xr[2 * h + j] + *r * *hn);
+                *y = *n + *z * (hprev - *n);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gru_forward_avx2(x: &[f32], w: &[f32], bias: &[f32], saved: &mut GruSaved, dims: Steps) {
+    gru_forward(x, w, bias, saved, dims)
+}
+
+/// BPTT of [`gru_forward`]: returns `(dx, dW, db)`; see [`GruOp::bwd`] for
+/// the equations.
+#[inline(always)]
+fn gru_backward(
+    grad: &[f32],
+    hs: &[f32],
+    saved: &GruSaved,
+    w: &[f32],
+    dims: Steps,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (b, h) = (dims.b, dims.h);
+    let bh = dims.block();
+    let g = 3 * h;
+    let mut dhp = vec![0f32; dims.n_steps * b * g];
+    let mut dx = vec![0f32; dims.n_steps * b * g];
+    let mut carry = vec![0f32; bh];
+    let zeros = vec![0f32; bh];
+    for t in (0..dims.n_steps).rev() {
+        let at = t * bh..(t + 1) * bh;
+        let prev = if t > 0 {
+            &hs[(t - 1) * bh..t * bh]
+        } else {
+            &zeros[..]
+        };
+        let (gr, r, z) = (
+            &grad[at.clone()],
+            &saved.r[at.clone()],
+            &saved.z[at.clone()],
+        );
+        let (hn, n) = (&saved.hn[at.clone()], &saved.n[at]);
+        let dhp_t = &mut dhp[t * b * g..(t + 1) * b * g];
+        let dx_t = &mut dx[t * b * g..(t + 1) * b * g];
+        for bi in 0..b {
+            let u = bi * h..(bi + 1) * h;
+            let (dhp_row, dx_row) = (&mut dhp_t[bi * g..][..g], &mut dx_t[bi * g..][..g]);
+            let (dr_h, rest) = dhp_row.split_at_mut(h);
+            let (dz_h, dhn_h) = rest.split_at_mut(h);
+            let (dr_x, rest) = dx_row.split_at_mut(h);
+            let (dz_x, dn_x) = rest.split_at_mut(h);
+            for j in 0..h {
+                let k = u.start + j;
+                let dh = gr[k] + carry[k];
+                let (r, z, n, hn) = (r[k], z[k], n[k], hn[k]);
+                let dn = dh * (1.0 - z) * (1.0 - n * n);
+                let dz = dh * (prev[k] - n) * z * (1.0 - z);
+                let dr = dn * hn * r * (1.0 - r);
+                dr_h[j] = dr;
+                dz_h[j] = dz;
+                dhn_h[j] = dn * r;
+                dr_x[j] = dr;
+                dz_x[j] = dz;
+                dn_x[j] = dn;
+                carry[k] = dh * z;
+            }
+        }
+        if t > 0 {
+            gemm_into(
+                MatMut::new(&mut carry, b, h, h, 1),
+                Mat::new(dhp_t, b, g, g, 1),
+                Mat::new(w, g, h, h, 1),
+                Gemm {
+                    accumulate: true,
+                    parallel: false,
+                },
+            );
+        }
+    }
+    let mut dw = vec![0f32; g * h];
+    weight_gradient(&dhp, hs, &mut dw, dims, g);
+    let mut db = vec![0f32; g];
+    for row in dhp.chunks_exact(g) {
+        for (d, &x) in db.iter_mut().zip(row) {
+            *d += x;
+        }
+    }
+    (dx, dw, db)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gru_backward_avx2(
+    grad: &[f32],
+    hs: &[f32],
+    saved: &GruSaved,
+    w: &[f32],
+    dims: Steps,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    gru_backward(grad, hs, saved, w, dims)
+}
+
+/// The GRU op of the CPU path: forward returns the states computed by
+/// [`gru_forward`]; backward is [`gru_backward`].
+struct GruCpuOp {
+    hs: Tensor,
+    /// Gates and candidates (its `hs` is moved out into the field above).
+    saved: GruSaved,
+    dims: Steps,
+}
+
+impl CustomOp3 for GruCpuOp {
+    fn name(&self) -> &'static str {
+        "fused-gru-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_result(&self.hs)
+    }
+
+    fn bwd(
+        &self,
+        xp: &Tensor,
+        w_hh: &Tensor,
+        b_hh: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach().contiguous()?;
+        let w = w_hh.detach().contiguous()?;
+        let (dx, dw, db) = with_slices(&[&grad, &self.hs, &w], |s| {
+            Ok(simd_dispatch!(
+                gru_backward,
+                gru_backward_avx2(s[0], s[1], &self.saved, s[2], self.dims)
+            ))
+        })?;
+        let device = xp.device();
+        Ok((
+            Some(Tensor::from_vec(dx, xp.shape(), device)?),
+            Some(Tensor::from_vec(dw, w_hh.shape(), device)?),
+            Some(Tensor::from_vec(db, b_hh.shape(), device)?),
+        ))
     }
 }
