@@ -22,11 +22,11 @@
 //! dQ   = dS K,   dK = dS^T Q,   dV = P^T dO
 //! ```
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{matmul, simd, simd_dispatch, with_slices, Mat, MatMut};
-use crate::ops::{cpu_result, cuda_result, softmax_last_dim};
+use crate::cpu::{matmul, simd, simd_dispatch, with_slices, Handover, Mat, MatMut};
+use crate::ops::softmax_last_dim;
 
 /// Which implementation attention uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -123,13 +123,13 @@ fn attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_cor
         forward(s[0], s[1], s[2], &mut out, &mut lse, dims);
         Ok(())
     })?;
-    let out = Tensor::from_vec(out, q.shape(), q.device())?;
+    let out = Handover::new(out, q.shape());
     q.apply_op3(&k, &v, Attention { out, lse, dims })
 }
 
 struct Attention {
     /// The finished output, `(B, T, h*d)`.
-    out: Tensor,
+    out: Handover,
     /// Log-sum-exp of each row of scores, `(B, h, T)`.
     lse: Vec<f32>,
     dims: Dims,
@@ -149,20 +149,7 @@ impl CustomOp3 for Attention {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_result(&self.out)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        // attention() only builds this op for CPU tensors.
-        cuda_result(&self.out)
+        self.out.take()
     }
 
     fn bwd(
@@ -170,14 +157,14 @@ impl CustomOp3 for Attention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = q.elem_count();
         let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
         let grad = grad.detach().contiguous()?;
         with_slices(
-            &[&q.detach(), &k.detach(), &v.detach(), &self.out, &grad],
+            &[&q.detach(), &k.detach(), &v.detach(), &out.detach(), &grad],
             |s| {
                 let grads = Grads {
                     dq: &mut dq,

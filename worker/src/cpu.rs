@@ -4,7 +4,9 @@
 //! vector helpers written so that LLVM vectorises them, compiled a second
 //! time for AVX2 + FMA and chosen at run time ([`simd_dispatch`]).
 
-use candle_core::{Storage, Tensor};
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::{CpuStorage, Shape, Storage, Tensor};
 
 /// `simd_dispatch!(plain, fast(args..))` calls `fast`, the copy of
 /// `plain` compiled for AVX2 + FMA, when the CPU has them, else `plain`.
@@ -47,6 +49,28 @@ pub fn with_slices<R>(
         slices.push(&s.as_slice::<f32>()?[start..end]);
     }
     f(&slices)
+}
+
+/// A custom op's CPU result, computed before the op is applied and handed
+/// to candle by its forward without a copy. The backward reads it back as
+/// the op's result tensor.
+pub struct Handover(Mutex<Option<(Vec<f32>, Shape)>>);
+
+impl Handover {
+    pub fn new(data: Vec<f32>, shape: impl Into<Shape>) -> Self {
+        Self(Mutex::new(Some((data, shape.into()))))
+    }
+
+    /// The result, once; an error if the forward runs a second time.
+    pub fn take(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (data, shape) = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("fused op: forward ran twice".into()))?;
+        Ok((CpuStorage::F32(data), shape))
+    }
 }
 
 /// A strided matrix in a slice: element `(r, c)` is `data[r * rs + c * cs]`.

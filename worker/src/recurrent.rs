@@ -48,7 +48,9 @@
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Shape};
 use candle_core::{DType, IndexOp, Tensor};
 
-use crate::cpu::{gemm_into, matmul, simd, simd_dispatch, with_slices, Gemm, Mat, MatMut};
+use crate::cpu::{
+    gemm_into, matmul, simd, simd_dispatch, with_slices, Gemm, Handover, Mat, MatMut,
+};
 use crate::ops::{cpu_result, cuda_result, fresh, sum_rows};
 
 /// Which implementation a recurrent layer uses.
@@ -175,7 +177,7 @@ pub(crate) fn rnn_ops(xp: &Tensor, w_hh: &Tensor) -> candle_core::Result<Tensor>
     }
     let hs = fresh(Tensor::stack(&states, 0)?)?;
 
-    xp.apply_op2(w_hh, RnnOp { hs, native: false })
+    xp.apply_op2(w_hh, RnnOp { hs })
 }
 
 /// The fused GRU from device-generic tensor ops (CUDA).
@@ -227,9 +229,6 @@ fn previous_states(hs: &Tensor) -> candle_core::Result<Tensor> {
 struct RnnOp {
     /// Hidden states computed on detached inputs, `(T, B, H)`.
     hs: Tensor,
-    /// Backward with the CPU kernel ([`rnn_backward`]) instead of tensor
-    /// ops.
-    native: bool,
 }
 
 impl CustomOp2 for RnnOp {
@@ -267,21 +266,6 @@ impl CustomOp2 for RnnOp {
         let (n_steps, b, h) = self.hs.dims3()?;
         let grad = grad.detach().contiguous()?;
         let w = w_hh.detach();
-        if self.native {
-            let dims = Steps { n_steps, b, h };
-            let w = w.contiguous()?;
-            let (da, dw) = with_slices(&[&grad, &self.hs, &w], |s| {
-                Ok(simd_dispatch!(
-                    rnn_backward,
-                    rnn_backward_avx2(s[0], s[1], s[2], dims)
-                ))
-            })?;
-            let device = w_hh.device();
-            return Ok((
-                Some(Tensor::from_vec(da, (n_steps, b, h), device)?),
-                Some(Tensor::from_vec(dw, (h, h), device)?),
-            ));
-        }
         let dtanh = (1.0 - self.hs.sqr()?)?;
 
         // dL/d(pre-activation) per step, newest first.
@@ -407,8 +391,8 @@ fn rnn_cpu(xp: &Tensor, w_hh: &Tensor) -> candle_core::Result<Tensor> {
         simd_dispatch!(rnn_forward, rnn_forward_avx2(s[0], s[1], &mut hs, dims));
         Ok(())
     })?;
-    let hs = Tensor::from_vec(hs, (n_steps, b, h), xp.device())?;
-    xp.apply_op2(w_hh, RnnOp { hs, native: true })
+    let hs = Handover::new(hs, (n_steps, b, h));
+    xp.apply_op2(w_hh, RnnCpuOp { hs, dims })
 }
 
 /// GRU on the CPU: one GEMM per step and plain loops, no graph.
@@ -437,11 +421,7 @@ fn gru_cpu(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor) -> candle_core::Result<Ten
         );
         Ok(())
     })?;
-    let hs = Tensor::from_vec(
-        std::mem::take(&mut saved.hs),
-        (n_steps, b, dims.h),
-        xp.device(),
-    )?;
+    let hs = Handover::new(std::mem::take(&mut saved.hs), (n_steps, b, dims.h));
     xp.apply_op3(w_hh, b_hh, GruCpuOp { hs, saved, dims })
 }
 
@@ -548,6 +528,7 @@ fn weight_gradient(dpre: &[f32], hs: &[f32], dw: &mut [f32], dims: Steps, g: usi
 
 /// What the GRU's backward pass needs, each `(T, B, H)`.
 struct GruSaved {
+    /// The states; moved into the op's result before the backward pass.
     hs: Vec<f32>,
     r: Vec<f32>,
     z: Vec<f32>,
@@ -706,11 +687,56 @@ unsafe fn gru_backward_avx2(
     gru_backward(grad, hs, saved, w, dims)
 }
 
-/// The GRU op of the CPU path: forward returns the states computed by
+/// The SimpleRNN op of the CPU path: forward hands over the states
+/// computed by [`rnn_forward`]; backward is [`rnn_backward`].
+struct RnnCpuOp {
+    hs: Handover,
+    dims: Steps,
+}
+
+impl CustomOp2 for RnnCpuOp {
+    fn name(&self) -> &'static str {
+        "fused-simple-rnn-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.hs.take()
+    }
+
+    fn bwd(
+        &self,
+        xp: &Tensor,
+        w_hh: &Tensor,
+        hs: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach().contiguous()?;
+        let w = w_hh.detach().contiguous()?;
+        let dims = self.dims;
+        let (da, dw) = with_slices(&[&grad, &hs.detach(), &w], |s| {
+            Ok(simd_dispatch!(
+                rnn_backward,
+                rnn_backward_avx2(s[0], s[1], s[2], dims)
+            ))
+        })?;
+        Ok((
+            Some(Tensor::from_vec(da, xp.shape(), xp.device())?),
+            Some(Tensor::from_vec(dw, w_hh.shape(), xp.device())?),
+        ))
+    }
+}
+
+/// The GRU op of the CPU path: forward hands over the states computed by
 /// [`gru_forward`]; backward is [`gru_backward`].
 struct GruCpuOp {
-    hs: Tensor,
-    /// Gates and candidates (its `hs` is moved out into the field above).
+    hs: Handover,
+    /// Gates and candidates.
     saved: GruSaved,
     dims: Steps,
 }
@@ -729,7 +755,7 @@ impl CustomOp3 for GruCpuOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_result(&self.hs)
+        self.hs.take()
     }
 
     fn bwd(
@@ -737,12 +763,12 @@ impl CustomOp3 for GruCpuOp {
         xp: &Tensor,
         w_hh: &Tensor,
         b_hh: &Tensor,
-        _res: &Tensor,
+        hs: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.detach().contiguous()?;
         let w = w_hh.detach().contiguous()?;
-        let (dx, dw, db) = with_slices(&[&grad, &self.hs, &w], |s| {
+        let (dx, dw, db) = with_slices(&[&grad, &hs.detach(), &w], |s| {
             Ok(simd_dispatch!(
                 gru_backward,
                 gru_backward_avx2(s[0], s[1], &self.saved, s[2], self.dims)
