@@ -20,7 +20,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage,
 };
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
+
+use crate::cpu::with_slices;
 
 /// Copies a finished CPU tensor out as a custom op's result. `t` must be a
 /// fresh f32 result of an op: contiguous, offset 0, exactly as large as its
@@ -87,16 +89,35 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Average pooling with window and stride `pool` along `dim` (0 or 1) of a
 /// rank-3 tensor; trailing steps that do not fill a window are dropped
-/// (Keras 'valid'). Computed as a matmul with a `(T', T)` pooling matrix, so
-/// both directions are one GEMM.
+/// (Keras 'valid').
+///
+/// On the CPU it is one pass over the input each way ([`AvgPool`]).
+/// Elsewhere it is a matmul with a `(T', T)` pooling matrix, so both
+/// directions are one GEMM; that costs `T'` times the work, which made it a
+/// tenth of a gru training step at L = 1024 on the CPU.
 pub fn avg_pool(xs: &Tensor, dim: usize, pool: usize) -> candle_core::Result<Tensor> {
     let (a, b, c) = xs.dims3()?;
-    let n = [a, b, c][dim];
-    let kept = n / pool;
+    if dim > 1 {
+        candle_core::bail!("avg_pool: dim {dim} is not 0 or 1")
+    }
     if pool == 1 {
         return Ok(xs.clone());
     }
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        let pooling = Pooling::along(xs.dims3()?, dim, pool);
+        return xs.contiguous()?.apply_op1(AvgPool(pooling));
+    }
+    avg_pool_matmul(xs, dim, pool, (a, b, c))
+}
 
+fn avg_pool_matmul(
+    xs: &Tensor,
+    dim: usize,
+    pool: usize,
+    (a, b, c): (usize, usize, usize),
+) -> candle_core::Result<Tensor> {
+    let n = [a, b, c][dim];
+    let kept = n / pool;
     let mut weights = vec![0f32; kept * n];
     for (row, chunk) in weights.chunks_mut(n).enumerate() {
         chunk[row * pool..(row + 1) * pool].fill(1.0 / pool as f32);
@@ -104,8 +125,121 @@ pub fn avg_pool(xs: &Tensor, dim: usize, pool: usize) -> candle_core::Result<Ten
     let p = Tensor::from_vec(weights, (kept, n), xs.device())?.to_dtype(xs.dtype())?;
     match dim {
         0 => p.matmul(&xs.reshape((a, b * c))?)?.reshape((kept, b, c)),
-        1 => p.broadcast_left(a)?.matmul(&xs.contiguous()?),
-        _ => candle_core::bail!("avg_pool: dim {dim} is not 0 or 1"),
+        _ => p.broadcast_left(a)?.matmul(&xs.contiguous()?),
+    }
+}
+
+/// A pooling seen as `(outer, n, inner)`: windows of `pool` along `n`.
+#[derive(Debug, Clone, Copy)]
+struct Pooling {
+    /// The pooled dimension of the rank-3 tensor.
+    dim: usize,
+    outer: usize,
+    n: usize,
+    inner: usize,
+    pool: usize,
+}
+
+impl Pooling {
+    fn along((a, b, c): (usize, usize, usize), dim: usize, pool: usize) -> Self {
+        let (outer, n, inner) = if dim == 0 { (1, a, b * c) } else { (a, b, c) };
+        Self {
+            dim,
+            outer,
+            n,
+            inner,
+            pool,
+        }
+    }
+
+    fn kept(&self) -> usize {
+        self.n / self.pool
+    }
+
+    fn out_shape(&self, input: &Shape) -> Shape {
+        let mut dims = input.dims().to_vec();
+        dims[self.dim] = self.kept();
+        Shape::from(dims)
+    }
+}
+
+/// Average pooling on the CPU: the forward sums each window's rows, the
+/// backward spreads each gradient row over its window (`1 / pool` each)
+/// and leaves the dropped tail at zero.
+struct AvgPool(Pooling);
+
+impl CustomOp1 for AvgPool {
+    fn name(&self) -> &'static str {
+        "avg-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Pooling {
+            outer,
+            n,
+            inner,
+            pool,
+            ..
+        } = self.0;
+        let kept = self.0.kept();
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("avg-pool: input is not contiguous".into()))?;
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let scale = 1.0 / pool as f32;
+        let mut out = vec![0f32; outer * kept * inner];
+        for (o, out) in out.chunks_exact_mut(kept * inner).enumerate() {
+            let x = &x[o * n * inner..];
+            for (w, row) in out.chunks_exact_mut(inner).enumerate() {
+                for i in 0..pool {
+                    let src = &x[(w * pool + i) * inner..][..inner];
+                    for (y, &v) in row.iter_mut().zip(src) {
+                        *y += v;
+                    }
+                }
+                for y in row.iter_mut() {
+                    *y *= scale;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), self.0.out_shape(layout.shape())))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Pooling {
+            outer,
+            n,
+            inner,
+            pool,
+            ..
+        } = self.0;
+        let kept = self.0.kept();
+        let scale = 1.0 / pool as f32;
+        let mut dx = vec![0f32; outer * n * inner];
+        with_slices(&[&grad.detach().contiguous()?], |s| {
+            for (o, dx) in dx.chunks_exact_mut(n * inner).enumerate() {
+                let g = &s[0][o * kept * inner..][..kept * inner];
+                for (w, g_row) in g.chunks_exact(inner).enumerate() {
+                    for i in 0..pool {
+                        let dst = &mut dx[(w * pool + i) * inner..][..inner];
+                        for (d, &v) in dst.iter_mut().zip(g_row) {
+                            *d = v * scale;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(dx, xs.shape(), xs.device())?))
     }
 }
 
@@ -380,34 +514,26 @@ mod tests {
     }
 
     #[test]
-    fn pooling_matrix_matches_windowed_means() -> candle_core::Result<()> {
+    fn pooling_kernel_and_matrix_match_windowed_means() -> candle_core::Result<()> {
         let mut rng = SplitMix64::new(4);
         // 7 steps, pool 3: windows [0..3] and [3..6]; step 6 is dropped.
-        let x = random_var(&[7, 2, 3], &mut rng)?;
-        let pooled = avg_pool(x.as_tensor(), 0, 3)?;
-        let plain = x
-            .as_tensor()
-            .narrow(0, 0, 6)?
-            .reshape((2, 3, 2, 3))?
-            .mean(1)?;
-        let probe = random_var(&[2, 2, 3], &mut rng)?;
-        assert_all_close(
-            &values_and_grads(&pooled, probe.as_tensor(), &[&x])?,
-            &values_and_grads(&plain, probe.as_tensor(), &[&x])?,
-        );
-
-        let x = random_var(&[2, 7, 3], &mut rng)?;
-        let pooled = avg_pool(x.as_tensor(), 1, 3)?;
-        let plain = x
-            .as_tensor()
-            .narrow(1, 0, 6)?
-            .reshape((2, 2, 3, 3))?
-            .mean(2)?;
-        let probe = random_var(&[2, 2, 3], &mut rng)?;
-        assert_all_close(
-            &values_and_grads(&pooled, probe.as_tensor(), &[&x])?,
-            &values_and_grads(&plain, probe.as_tensor(), &[&x])?,
-        );
+        for dim in [0, 1] {
+            let shape = if dim == 0 { [7, 2, 3] } else { [2, 7, 3] };
+            let x = random_var(&shape, &mut rng)?;
+            let xt = x.as_tensor();
+            let plain = if dim == 0 {
+                xt.narrow(0, 0, 6)?.reshape((2, 3, 2, 3))?.mean(1)?
+            } else {
+                xt.narrow(1, 0, 6)?.reshape((2, 2, 3, 3))?.mean(2)?
+            };
+            let probe = random_var(&[2, 2, 3], &mut rng)?;
+            let want = values_and_grads(&plain, probe.as_tensor(), &[&x])?;
+            let kernel = avg_pool(xt, dim, 3)?;
+            assert_eq!(kernel.dims(), plain.dims());
+            assert_all_close(&values_and_grads(&kernel, probe.as_tensor(), &[&x])?, &want);
+            let matrix = avg_pool_matmul(xt, dim, 3, xt.dims3()?)?;
+            assert_all_close(&values_and_grads(&matrix, probe.as_tensor(), &[&x])?, &want);
+        }
         Ok(())
     }
 }
