@@ -45,8 +45,12 @@
 //!
 //! SimpleRNN (Keras): `h' = tanh(x W_ih^T + b + h W_hh^T)`, one bias.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Shape};
 use candle_core::{DType, IndexOp, Tensor};
+
+use rayon::prelude::*;
 
 use crate::cpu::{
     gemm_into, matmul, simd, simd_dispatch, with_slices, Gemm, Handover, Mat, MatMut,
@@ -386,10 +390,20 @@ fn rnn_cpu(xp: &Tensor, w_hh: &Tensor) -> candle_core::Result<Tensor> {
     let dims = Steps { n_steps, b, h };
     let xs = xp.detach().contiguous()?;
     let w = w_hh.detach().contiguous()?;
-    let mut hs = vec![0f32; n_steps * b * h];
-    with_slices(&[&xs, &w], |s| {
-        simd_dispatch!(rnn_forward, rnn_forward_avx2(s[0], s[1], &mut hs, dims));
-        Ok(())
+    let hs = with_slices(&[&xs, &w], |s| {
+        let (x, w) = (s[0], s[1]);
+        let blocks: Vec<(Range<usize>, Vec<f32>)> = row_blocks(b)
+            .into_par_iter()
+            .map(|rows| {
+                let mut hs = vec![0f32; n_steps * rows.len() * h];
+                simd_dispatch!(
+                    rnn_forward,
+                    rnn_forward_avx2(x, w, &mut hs, dims, rows.clone())
+                );
+                (rows, hs)
+            })
+            .collect();
+        Ok(gather(blocks.iter().map(|(r, v)| (r, &v[..])), dims, h))
     })?;
     let hs = Handover::new(hs, (n_steps, b, h));
     xp.apply_op2(w_hh, RnnCpuOp { hs, dims })
@@ -406,23 +420,20 @@ fn gru_cpu(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor) -> candle_core::Result<Ten
     let xs = xp.detach().contiguous()?;
     let w = w_hh.detach().contiguous()?;
     let bias = b_hh.detach().contiguous()?;
-    let n = n_steps * b * dims.h;
-    let mut saved = GruSaved {
-        hs: vec![0f32; n],
-        r: vec![0f32; n],
-        z: vec![0f32; n],
-        hn: vec![0f32; n],
-        n: vec![0f32; n],
-    };
-    with_slices(&[&xs, &w, &bias], |s| {
-        simd_dispatch!(
-            gru_forward,
-            gru_forward_avx2(s[0], s[1], s[2], &mut saved, dims)
-        );
-        Ok(())
+    let mut blocks = with_slices(&[&xs, &w, &bias], |s| {
+        let (x, w, bias) = (s[0], s[1], s[2]);
+        Ok(row_blocks(b)
+            .into_par_iter()
+            .map(|rows| simd_dispatch!(gru_forward, gru_forward_avx2(x, w, bias, dims, rows)))
+            .collect::<Vec<GruBlock>>())
     })?;
-    let hs = Handover::new(std::mem::take(&mut saved.hs), (n_steps, b, dims.h));
-    xp.apply_op3(w_hh, b_hh, GruCpuOp { hs, saved, dims })
+    let hs = gather(blocks.iter().map(|k| (&k.rows, &k.hs[..])), dims, dims.h);
+    for block in &mut blocks {
+        // The backward reads the states from the op's result instead.
+        block.hs = Vec::new();
+    }
+    let hs = Handover::new(hs, (n_steps, b, dims.h));
+    xp.apply_op3(w_hh, b_hh, GruCpuOp { hs, blocks, dims })
 }
 
 /// Sizes of a recurrence: steps, batch, units.
@@ -433,25 +444,57 @@ struct Steps {
     h: usize,
 }
 
-impl Steps {
-    /// Elements of one step's `(B, H)` block.
-    fn block(&self) -> usize {
-        self.b * self.h
-    }
+/// The batch rows, split into one contiguous block per rayon thread. The
+/// rows of a recurrence are independent, so each block runs all its steps
+/// on its own thread, without synchronising per step.
+fn row_blocks(b: usize) -> Vec<Range<usize>> {
+    let n = rayon::current_num_threads().clamp(1, b.max(1));
+    (0..n).map(|k| k * b / n..(k + 1) * b / n).collect()
 }
 
-/// `hs[t] = tanh(x[t] + hs[t-1] W^T)`, all `(B, H)`; `w` is `(H, H)`.
+/// Interleaves per-block `(T, rows, width)` buffers into one `(T, B,
+/// width)` buffer.
+fn gather<'a>(
+    blocks: impl Iterator<Item = (&'a Range<usize>, &'a [f32])> + Clone,
+    dims: Steps,
+    width: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; dims.n_steps * dims.b * width];
+    for (rows, part) in blocks {
+        let n = rows.len() * width;
+        for t in 0..dims.n_steps {
+            out[(t * dims.b + rows.start) * width..][..n].copy_from_slice(&part[t * n..][..n]);
+        }
+    }
+    out
+}
+
+/// The rows `rows` of step `t` of a `(T, B, width)` buffer.
+fn step_rows<'a>(
+    x: &'a [f32],
+    t: usize,
+    rows: &Range<usize>,
+    dims: Steps,
+    width: usize,
+) -> &'a [f32] {
+    &x[(t * dims.b + rows.start) * width..][..rows.len() * width]
+}
+
+/// `hs[t] = tanh(x[t] + hs[t-1] W^T)` for the batch rows `rows`: `x` is
+/// the whole `(T, B, H)` input, `hs` this block's `(T, rows, H)` states,
+/// `w` is `(H, H)`.
 #[inline(always)]
-fn rnn_forward(x: &[f32], w: &[f32], hs: &mut [f32], dims: Steps) {
-    let (bh, h) = (dims.block(), dims.h);
+fn rnn_forward(x: &[f32], w: &[f32], hs: &mut [f32], dims: Steps, rows: Range<usize>) {
+    let (h, bk) = (dims.h, rows.len());
+    let blk = bk * h;
     for t in 0..dims.n_steps {
-        let (before, rest) = hs.split_at_mut(t * bh);
-        let cur = &mut rest[..bh];
-        cur.copy_from_slice(&x[t * bh..(t + 1) * bh]);
+        let (before, rest) = hs.split_at_mut(t * blk);
+        let cur = &mut rest[..blk];
+        cur.copy_from_slice(step_rows(x, t, &rows, dims, h));
         if t > 0 {
             gemm_into(
-                MatMut::new(cur, dims.b, h, h, 1),
-                Mat::new(&before[(t - 1) * bh..], dims.b, h, h, 1),
+                MatMut::new(cur, bk, h, h, 1),
+                Mat::new(&before[(t - 1) * blk..], bk, h, h, 1),
                 Mat::new(w, h, h, 1, h),
                 Gemm {
                     accumulate: true,
@@ -467,33 +510,35 @@ fn rnn_forward(x: &[f32], w: &[f32], hs: &mut [f32], dims: Steps) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rnn_forward_avx2(x: &[f32], w: &[f32], hs: &mut [f32], dims: Steps) {
-    rnn_forward(x, w, hs, dims)
+unsafe fn rnn_forward_avx2(x: &[f32], w: &[f32], hs: &mut [f32], dims: Steps, rows: Range<usize>) {
+    rnn_forward(x, w, hs, dims, rows)
 }
 
-/// BPTT of [`rnn_forward`]: returns `(dx, dW)`.
+/// BPTT of [`rnn_forward`] for the batch rows `rows`: `grad` and `hs` are
+/// whole `(T, B, H)` buffers; returns this block's `(T, rows, H)`
+/// pre-activation gradients.
 #[inline(always)]
-fn rnn_backward(grad: &[f32], hs: &[f32], w: &[f32], dims: Steps) -> (Vec<f32>, Vec<f32>) {
-    let (bh, h) = (dims.block(), dims.h);
-    let mut da = vec![0f32; dims.n_steps * bh];
-    let mut carry = vec![0f32; bh];
+fn rnn_backward(grad: &[f32], hs: &[f32], w: &[f32], dims: Steps, rows: Range<usize>) -> Vec<f32> {
+    let (h, bk) = (dims.h, rows.len());
+    let blk = bk * h;
+    let mut da = vec![0f32; dims.n_steps * blk];
+    let mut carry = vec![0f32; blk];
     for t in (0..dims.n_steps).rev() {
-        let cur = &mut da[t * bh..(t + 1) * bh];
-        let (g, hs_t) = (&grad[t * bh..(t + 1) * bh], &hs[t * bh..(t + 1) * bh]);
-        for (((a, &g), &c), &y) in cur.iter_mut().zip(g).zip(&carry).zip(hs_t) {
+        let cur = &mut da[t * blk..(t + 1) * blk];
+        let g = step_rows(grad, t, &rows, dims, h);
+        let y = step_rows(hs, t, &rows, dims, h);
+        for (((a, &g), &c), &y) in cur.iter_mut().zip(g).zip(&carry).zip(y) {
             *a = (g + c) * (1.0 - y * y);
         }
         if t > 0 {
             matmul(
-                MatMut::new(&mut carry, dims.b, h, h, 1),
-                Mat::new(cur, dims.b, h, h, 1),
+                MatMut::new(&mut carry, bk, h, h, 1),
+                Mat::new(cur, bk, h, h, 1),
                 Mat::new(w, h, h, h, 1),
             );
         }
     }
-    let mut dw = vec![0f32; h * h];
-    weight_gradient(&da, hs, &mut dw, dims, h);
-    (da, dw)
+    da
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -503,32 +548,36 @@ unsafe fn rnn_backward_avx2(
     hs: &[f32],
     w: &[f32],
     dims: Steps,
-) -> (Vec<f32>, Vec<f32>) {
-    rnn_backward(grad, hs, w, dims)
+    rows: Range<usize>,
+) -> Vec<f32> {
+    rnn_backward(grad, hs, w, dims, rows)
 }
 
 /// `dW = sum over t >= 1 of dpre[t]^T hs[t-1]`: one `(G, (T-1) B) x ((T-1)
 /// B, H)` product; `dpre` is `(T, B, G)` (step 0's previous state is zero).
-fn weight_gradient(dpre: &[f32], hs: &[f32], dw: &mut [f32], dims: Steps, g: usize) {
+fn weight_gradient(dpre: &[f32], hs: &[f32], dims: Steps, g: usize) -> Vec<f32> {
     let (b, h) = (dims.b, dims.h);
+    let mut dw = vec![0f32; g * h];
     let rows = (dims.n_steps - 1) * b;
-    if rows == 0 {
-        return;
+    if rows > 0 {
+        gemm_into(
+            MatMut::new(&mut dw, g, h, h, 1),
+            Mat::new(&dpre[b * g..], g, rows, 1, g),
+            Mat::new(hs, rows, h, h, 1),
+            Gemm {
+                accumulate: false,
+                parallel: true,
+            },
+        );
     }
-    gemm_into(
-        MatMut::new(dw, g, h, h, 1),
-        Mat::new(&dpre[b * g..], g, rows, 1, g),
-        Mat::new(hs, rows, h, h, 1),
-        Gemm {
-            accumulate: false,
-            parallel: true,
-        },
-    );
+    dw
 }
 
-/// What the GRU's backward pass needs, each `(T, B, H)`.
-struct GruSaved {
-    /// The states; moved into the op's result before the backward pass.
+/// One block of batch rows of a GRU forward pass: what its backward pass
+/// needs, each `(T, rows, H)`.
+struct GruBlock {
+    rows: Range<usize>,
+    /// The states (gathered into the op's result, then dropped here).
     hs: Vec<f32>,
     r: Vec<f32>,
     z: Vec<f32>,
@@ -537,50 +586,60 @@ struct GruSaved {
     n: Vec<f32>,
 }
 
-/// The GRU recurrence (module docs) on slices: `x` `(T, B, 3H)`, `w` `(3H,
-/// H)`, `bias` `(3H)`.
+/// The GRU recurrence (module docs) for the batch rows `rows`: `x` is the
+/// whole `(T, B, 3H)` input, `w` `(3H, H)`, `bias` `(3H)`.
 #[inline(always)]
-fn gru_forward(x: &[f32], w: &[f32], bias: &[f32], saved: &mut GruSaved, dims: Steps) {
-    let (b, h) = (dims.b, dims.h);
-    let bh = dims.block();
-    let mut hp = vec![0f32; b * 3 * h];
-    let zeros = vec![0f32; bh];
+fn gru_forward(x: &[f32], w: &[f32], bias: &[f32], dims: Steps, rows: Range<usize>) -> GruBlock {
+    let (h, bk) = (dims.h, rows.len());
+    let (blk, g) = (bk * h, 3 * h);
+    let size = dims.n_steps * blk;
+    let mut out = GruBlock {
+        rows: rows.clone(),
+        hs: vec![0f32; size],
+        r: vec![0f32; size],
+        z: vec![0f32; size],
+        hn: vec![0f32; size],
+        n: vec![0f32; size],
+    };
+    let mut hp = vec![0f32; bk * g];
+    let zeros = vec![0f32; blk];
     for t in 0..dims.n_steps {
-        for row in hp.chunks_exact_mut(3 * h) {
+        for row in hp.chunks_exact_mut(g) {
             row.copy_from_slice(bias);
         }
-        let (before, rest) = saved.hs.split_at_mut(t * bh);
+        let (before, rest) = out.hs.split_at_mut(t * blk);
         let prev = if t > 0 {
-            let prev = &before[(t - 1) * bh..];
+            let prev = &before[(t - 1) * blk..];
             gemm_into(
-                MatMut::new(&mut hp, b, 3 * h, 3 * h, 1),
-                Mat::new(prev, b, h, h, 1),
-                Mat::new(w, h, 3 * h, 1, h),
+                MatMut::new(&mut hp, bk, g, g, 1),
+                Mat::new(prev, bk, h, h, 1),
+                Mat::new(w, h, g, 1, h),
                 Gemm {
                     accumulate: true,
                     parallel: false,
                 },
             );
-            &prev[..bh]
+            &prev[..blk]
         } else {
             &zeros[..]
         };
-        let at = t * bh..(t + 1) * bh;
-        let cur = &mut rest[..bh];
-        let (r, z) = (&mut saved.r[at.clone()], &mut saved.z[at.clone()]);
-        let (hn, n) = (&mut saved.hn[at.clone()], &mut saved.n[at]);
-        for bi in 0..b {
-            let xr = &x[(t * b + bi) * 3 * h..][..3 * h];
-            let hr = &hp[bi * 3 * h..][..3 * h];
+        let at = t * blk..(t + 1) * blk;
+        let cur = &mut rest[..blk];
+        let (r, z) = (&mut out.r[at.clone()], &mut out.z[at.clone()]);
+        let (hn, n) = (&mut out.hn[at.clone()], &mut out.n[at]);
+        let xt = step_rows(x, t, &rows, dims, g);
+        for bi in 0..bk {
+            let xr = &xt[bi * g..][..g];
+            let hr = &hp[bi * g..][..g];
             let u = bi * h..(bi + 1) * h;
-            let rows = r[u.clone()]
+            let units = r[u.clone()]
                 .iter_mut()
                 .zip(&mut z[u.clone()])
                 .zip(&mut hn[u.clone()])
                 .zip(&mut n[u.clone()])
                 .zip(&mut cur[u.clone()])
                 .zip(&prev[u]);
-            for (j, (((((r, z), hn), n), y), &hprev)) in rows.enumerate() {
+            for (j, (((((r, z), hn), n), y), &hprev)) in units.enumerate() {
                 *r = simd::sigmoid(xr[j] + hr[j]);
                 *z = simd::sigmoid(xr[h + j] + hr[h + j]);
                 *hn = hr[2 * h + j];
@@ -589,55 +648,61 @@ fn gru_forward(x: &[f32], w: &[f32], bias: &[f32], saved: &mut GruSaved, dims: S
             }
         }
     }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gru_forward_avx2(x: &[f32], w: &[f32], bias: &[f32], saved: &mut GruSaved, dims: Steps) {
-    gru_forward(x, w, bias, saved, dims)
+unsafe fn gru_forward_avx2(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    dims: Steps,
+    rows: Range<usize>,
+) -> GruBlock {
+    gru_forward(x, w, bias, dims, rows)
 }
 
-/// BPTT of [`gru_forward`]: returns `(dx, dW, db)`; see [`GruOp::bwd`] for
-/// the equations.
+/// BPTT of [`gru_forward`] for one block: `grad` and `hs` are whole `(T,
+/// B, H)` buffers. Returns the block's `(T, rows, 3H)` gradients of the
+/// recurrent projection (for `dW` and `db`) and of the input projection;
+/// see [`GruOp::bwd`] for the equations.
 #[inline(always)]
 fn gru_backward(
     grad: &[f32],
     hs: &[f32],
-    saved: &GruSaved,
+    block: &GruBlock,
     w: &[f32],
     dims: Steps,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (b, h) = (dims.b, dims.h);
-    let bh = dims.block();
-    let g = 3 * h;
-    let mut dhp = vec![0f32; dims.n_steps * b * g];
-    let mut dx = vec![0f32; dims.n_steps * b * g];
-    let mut carry = vec![0f32; bh];
-    let zeros = vec![0f32; bh];
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = &block.rows;
+    let (h, bk) = (dims.h, rows.len());
+    let (blk, g) = (bk * h, 3 * h);
+    let mut dhp = vec![0f32; dims.n_steps * bk * g];
+    let mut dx = vec![0f32; dims.n_steps * bk * g];
+    let mut carry = vec![0f32; blk];
+    let zeros = vec![0f32; blk];
     for t in (0..dims.n_steps).rev() {
-        let at = t * bh..(t + 1) * bh;
+        let at = t * blk..(t + 1) * blk;
         let prev = if t > 0 {
-            &hs[(t - 1) * bh..t * bh]
+            step_rows(hs, t - 1, rows, dims, h)
         } else {
             &zeros[..]
         };
-        let (gr, r, z) = (
-            &grad[at.clone()],
-            &saved.r[at.clone()],
-            &saved.z[at.clone()],
-        );
-        let (hn, n) = (&saved.hn[at.clone()], &saved.n[at]);
-        let dhp_t = &mut dhp[t * b * g..(t + 1) * b * g];
-        let dx_t = &mut dx[t * b * g..(t + 1) * b * g];
-        for bi in 0..b {
-            let u = bi * h..(bi + 1) * h;
+        let gr = step_rows(grad, t, rows, dims, h);
+        let (r, z) = (&block.r[at.clone()], &block.z[at.clone()]);
+        let (hn, n) = (&block.hn[at.clone()], &block.n[at]);
+        let dhp_t = &mut dhp[t * bk * g..(t + 1) * bk * g];
+        let dx_t = &mut dx[t * bk * g..(t + 1) * bk * g];
+        for bi in 0..bk {
+            let u0 = bi * h;
             let (dhp_row, dx_row) = (&mut dhp_t[bi * g..][..g], &mut dx_t[bi * g..][..g]);
             let (dr_h, rest) = dhp_row.split_at_mut(h);
             let (dz_h, dhn_h) = rest.split_at_mut(h);
             let (dr_x, rest) = dx_row.split_at_mut(h);
             let (dz_x, dn_x) = rest.split_at_mut(h);
             for j in 0..h {
-                let k = u.start + j;
+                let k = u0 + j;
                 let dh = gr[k] + carry[k];
                 let (r, z, n, hn) = (r[k], z[k], n[k], hn[k]);
                 let dn = dh * (1.0 - z) * (1.0 - n * n);
@@ -654,8 +719,8 @@ fn gru_backward(
         }
         if t > 0 {
             gemm_into(
-                MatMut::new(&mut carry, b, h, h, 1),
-                Mat::new(dhp_t, b, g, g, 1),
+                MatMut::new(&mut carry, bk, h, h, 1),
+                Mat::new(dhp_t, bk, g, g, 1),
                 Mat::new(w, g, h, h, 1),
                 Gemm {
                     accumulate: true,
@@ -664,15 +729,7 @@ fn gru_backward(
             );
         }
     }
-    let mut dw = vec![0f32; g * h];
-    weight_gradient(&dhp, hs, &mut dw, dims, g);
-    let mut db = vec![0f32; g];
-    for row in dhp.chunks_exact(g) {
-        for (d, &x) in db.iter_mut().zip(row) {
-            *d += x;
-        }
-    }
-    (dx, dw, db)
+    (dhp, dx)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -680,11 +737,11 @@ fn gru_backward(
 unsafe fn gru_backward_avx2(
     grad: &[f32],
     hs: &[f32],
-    saved: &GruSaved,
+    block: &GruBlock,
     w: &[f32],
     dims: Steps,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    gru_backward(grad, hs, saved, w, dims)
+) -> (Vec<f32>, Vec<f32>) {
+    gru_backward(grad, hs, block, w, dims)
 }
 
 /// The SimpleRNN op of the CPU path: forward hands over the states
@@ -720,10 +777,20 @@ impl CustomOp2 for RnnCpuOp {
         let w = w_hh.detach().contiguous()?;
         let dims = self.dims;
         let (da, dw) = with_slices(&[&grad, &hs.detach(), &w], |s| {
-            Ok(simd_dispatch!(
-                rnn_backward,
-                rnn_backward_avx2(s[0], s[1], s[2], dims)
-            ))
+            let (grad, hs, w) = (s[0], s[1], s[2]);
+            let blocks: Vec<(Range<usize>, Vec<f32>)> = row_blocks(dims.b)
+                .into_par_iter()
+                .map(|rows| {
+                    let da = simd_dispatch!(
+                        rnn_backward,
+                        rnn_backward_avx2(grad, hs, w, dims, rows.clone())
+                    );
+                    (rows, da)
+                })
+                .collect();
+            let da = gather(blocks.iter().map(|(r, v)| (r, &v[..])), dims, dims.h);
+            let dw = weight_gradient(&da, hs, dims, dims.h);
+            Ok((da, dw))
         })?;
         Ok((
             Some(Tensor::from_vec(da, xp.shape(), xp.device())?),
@@ -736,8 +803,8 @@ impl CustomOp2 for RnnCpuOp {
 /// [`gru_forward`]; backward is [`gru_backward`].
 struct GruCpuOp {
     hs: Handover,
-    /// Gates and candidates.
-    saved: GruSaved,
+    /// Gates and candidates, per block of batch rows.
+    blocks: Vec<GruBlock>,
     dims: Steps,
 }
 
@@ -768,11 +835,28 @@ impl CustomOp3 for GruCpuOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.detach().contiguous()?;
         let w = w_hh.detach().contiguous()?;
+        let dims = self.dims;
+        let g = 3 * dims.h;
         let (dx, dw, db) = with_slices(&[&grad, &hs.detach(), &w], |s| {
-            Ok(simd_dispatch!(
-                gru_backward,
-                gru_backward_avx2(s[0], s[1], &self.saved, s[2], self.dims)
-            ))
+            let (grad, hs, w) = (s[0], s[1], s[2]);
+            let parts: Vec<(Vec<f32>, Vec<f32>)> = self
+                .blocks
+                .par_iter()
+                .map(|block| {
+                    simd_dispatch!(gru_backward, gru_backward_avx2(grad, hs, block, w, dims))
+                })
+                .collect();
+            let rows = self.blocks.iter().map(|k| &k.rows);
+            let dhp = gather(rows.clone().zip(parts.iter().map(|p| &p.0[..])), dims, g);
+            let dx = gather(rows.zip(parts.iter().map(|p| &p.1[..])), dims, g);
+            let dw = weight_gradient(&dhp, hs, dims, g);
+            let mut db = vec![0f32; g];
+            for row in dhp.chunks_exact(g) {
+                for (d, &x) in db.iter_mut().zip(row) {
+                    *d += x;
+                }
+            }
+            Ok((dx, dw, db))
         })?;
         let device = xp.device();
         Ok((
