@@ -41,7 +41,7 @@ use rotsweep_shared::rng::{mix_seed, SplitMix64};
 use rotsweep_shared::spec::{ModelKind, ModelSpec};
 
 use crate::attention::{attention, AttentionKernel};
-use crate::ops::{add_bias, avg_pool, layer_norm};
+use crate::ops::{add_bias, avg_pool, bias_elu, layer_norm};
 use crate::recurrent::{gru_sequence, rnn_sequence, Cell, Recurrence};
 use crate::{Error, Result};
 
@@ -430,9 +430,8 @@ impl Model {
         // F). The bias and ELU come after the move to the body's layout, so
         // the bias is added along the last dimension.
         let conv = conv1d_windows(&xs, &self.conv_w, self.spec.conv_stride)?;
-        let finish_conv = |xs: Tensor| -> Result<Tensor> {
-            Ok(add_bias(&xs.contiguous()?, &self.conv_b)?.elu(1.0)?)
-        };
+        let finish_conv =
+            |xs: Tensor| -> Result<Tensor> { Ok(bias_elu(&xs.contiguous()?, &self.conv_b)?) };
 
         let pool = self.spec.pool;
         let mut xs = match &self.body {
