@@ -113,7 +113,8 @@ enum Command {
         #[arg(long)]
         addr_file: Option<PathBuf>,
     },
-    /// Print the expanded job list of a spec, checking its data.
+    /// Print the model x rotation grid of a spec (folds and sizes of each
+    /// cell), checking its data. Job ids are given on submission.
     Plan {
         /// Sweep spec (TOML).
         spec: PathBuf,
@@ -902,11 +903,10 @@ fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
     let sizes = fold_sizes(&spec.data)
         .with_context(|| format!("checking the folds in {}", spec.data.dir.display()))?;
     let mut rows = Vec::new();
-    for (i, job) in spec.jobs().iter().enumerate() {
+    for job in spec.jobs() {
         let rot = Rotation::new(job.rotation, spec.data.folds, spec.data.train_folds)?;
         let n_train: usize = rot.train.iter().map(|&k| sizes[k]).sum();
         rows.push(serde_json::json!({
-            "job": i,
             "model": job.model,
             "kind": job.kind.as_str(),
             "rotation": job.rotation,
@@ -925,6 +925,9 @@ fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
                 "sweep": spec.name,
                 "data": spec.data.dir,
                 "epochs": spec.train.epochs,
+    // No job ids here: the coordinator assigns them when the sweep is
+    // submitted (they keep counting across sweeps), so a plan can only name
+    // each grid cell by its model and rotation.
                 "jobs": rows,
             }))?
         ),
@@ -938,8 +941,7 @@ fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
                 spec.data.dir.display()
             );
             outln!(
-                "{:>4} {:<10} {:<5} {:>3} {:<9} {:>3} {:>4} {:>7} {:>5} {:>5}",
-                "job",
+                "{:<10} {:<5} {:>3} {:<9} {:>3} {:>4} {:>7} {:>5} {:>5}",
                 "model",
                 "kind",
                 "rot",
@@ -958,8 +960,7 @@ fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
                     .map(|v| v.to_string())
                     .collect();
                 outln!(
-                    "{:>4} {:<10} {:<5} {:>3} {:<9} {:>3} {:>4} {:>7} {:>5} {:>5}",
-                    r["job"],
+                    "{:<10} {:<5} {:>3} {:<9} {:>3} {:>4} {:>7} {:>5} {:>5}",
                     r["model"].as_str().unwrap_or_default(),
                     r["kind"].as_str().unwrap_or_default(),
                     r["rotation"],

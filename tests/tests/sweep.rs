@@ -330,6 +330,40 @@ fn plan_lists_every_model_and_rotation() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A plan cannot know the job ids the coordinator assigns on submission
+/// (they start at 1 and keep counting across sweeps), so it shows none:
+/// it used to number its rows from 0 under a `job` header, which `status`
+/// then contradicted.
+#[test]
+fn plan_names_grid_cells_by_model_and_rotation_not_by_a_job_id() -> anyhow::Result<()> {
+    let spec = repo_root().join("examples/hw6.toml");
+    let spec = spec.to_str().unwrap();
+
+    let (code, out, err) = cli(&["plan", spec, "--format", "json"], None)?;
+    assert_eq!(code, 0, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out)?;
+    for cell in plan["jobs"].as_array().unwrap() {
+        let keys: Vec<&String> = cell.as_object().unwrap().keys().collect();
+        assert!(
+            keys.iter().all(|k| !k.starts_with("job")),
+            "a plan row has a job id: {cell}"
+        );
+    }
+
+    let (code, out, err) = cli(&["plan", spec], None)?;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("sweep hw6: 15 jobs"), "{out}");
+    let header: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(header[..3], ["model", "kind", "rot"], "{out}");
+    assert_eq!(lines.len(), 2 + 15, "{out}");
+    for row in &lines[2..] {
+        let model = row.split_whitespace().next().unwrap_or_default();
+        assert!(["gru", "mha", "rnn"].contains(&model), "{row}");
+    }
+    Ok(())
+}
+
 /// Output piped into a reader that has gone (`rotsweep plan | head -0`)
 /// ends the command quietly with status 0: no panic, no death by SIGPIPE
 /// (the processes ignore SIGPIPE, so a socket reset cannot kill them).
