@@ -71,6 +71,30 @@ pub(crate) fn fresh(t: Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// A custom op's result, computed before the op is applied: a tensor on
+/// any device (copied out by the op's forward), or a CPU kernel's buffer
+/// (moved out).
+pub(crate) enum Finished {
+    Tensor(Tensor),
+    Cpu(Handover),
+}
+
+impl Finished {
+    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self {
+            Finished::Tensor(t) => cpu_result(t),
+            Finished::Cpu(h) => h.take(),
+        }
+    }
+
+    fn cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
+        match self {
+            Finished::Tensor(t) => cuda_result(t),
+            Finished::Cpu(_) => candle_core::bail!("fused op: a CPU result on a CUDA device"),
+        }
+    }
+}
+
 /// Sums a gradient over all dimensions but the last: `(.., G)` -> `(G)`,
 /// as `ones(1, N) @ x` (one matmul instead of a strided reduction).
 pub fn sum_rows(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -83,8 +107,31 @@ pub fn sum_rows(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `x + b` with `b` broadcast over every row: `x` is `(.., G)`, `b` is
 /// `(G)`. Same values and gradients as `x.broadcast_add(b)`.
 pub fn add_bias(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let y = fresh(x.detach().broadcast_add(&b.detach())?)?;
-    x.apply_op2(b, AddBias { y })
+    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+        let y = fresh(x.detach().broadcast_add(&b.detach())?)?;
+        return x.apply_op2(b, AddBias(Finished::Tensor(y)));
+    }
+    let x = rows_of(x, b, "add_bias")?;
+    let y = with_slices(&[&x.detach(), &b.detach()], |s| {
+        let mut y = s[0].to_vec();
+        for row in y.chunks_exact_mut(s[1].len()) {
+            for (v, &b) in row.iter_mut().zip(s[1]) {
+                *v += b;
+            }
+        }
+        Ok(y)
+    })?;
+    let y = Finished::Cpu(Handover::new(y, x.shape()));
+    x.apply_op2(b, AddBias(y))
+}
+
+/// `x` made contiguous after checking that its rows are as wide as `b`.
+fn rows_of(x: &Tensor, b: &Tensor, op: &str) -> candle_core::Result<Tensor> {
+    let g = b.dims1()?;
+    if x.dim(D::Minus1)? != g {
+        candle_core::bail!("{op}: rows of {:?} do not match a vector of {g}", x.dims())
+    }
+    x.contiguous()
 }
 
 /// `elu(x + b)` (alpha 1) with `b` `(G)` broadcast over every row of `x`
@@ -96,14 +143,7 @@ pub fn bias_elu(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if !(x.device().is_cpu() && x.dtype() == DType::F32) {
         return add_bias(x, b)?.elu(1.0);
     }
-    let g = b.dims1()?;
-    if x.dim(D::Minus1)? != g {
-        candle_core::bail!(
-            "bias_elu: rows of {:?} do not match a bias of {g}",
-            x.dims()
-        )
-    }
-    let x = x.contiguous()?;
+    let x = rows_of(x, b, "bias_elu")?;
     let y = with_slices(&[&x.detach(), &b.detach()], |s| {
         let mut y = vec![0f32; s[0].len()];
         simd_dispatch!(bias_elu_rows, bias_elu_rows_avx2(s[0], s[1], &mut y));
@@ -345,6 +385,20 @@ pub fn layer_norm(
     beta: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        layer_norm_cpu(x, gamma, beta, eps)
+    } else {
+        layer_norm_ops(x, gamma, beta, eps)
+    }
+}
+
+/// [`layer_norm`] from device-generic tensor ops (CUDA).
+fn layer_norm_ops(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     let xd = x.detach();
     let centred = xd.broadcast_sub(&xd.mean_keepdim(D::Minus1)?)?;
     let rstd = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?
@@ -363,6 +417,116 @@ pub fn layer_norm(
             rstd,
         },
     )
+}
+
+/// [`layer_norm`] on the CPU: one pass over the rows each way.
+fn layer_norm_cpu(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let x = rows_of(x, gamma, "layer_norm")?;
+    let d = gamma.dims1()?;
+    let (y, x_hat, rstd) = with_slices(&[&x.detach(), &gamma.detach(), &beta.detach()], |s| {
+        let (xs, gamma, beta) = (s[0], s[1], s[2]);
+        let mut y = vec![0f32; xs.len()];
+        let mut x_hat = vec![0f32; xs.len()];
+        let mut rstd = vec![0f32; xs.len() / d.max(1)];
+        let rows = xs
+            .chunks_exact(d)
+            .zip(y.chunks_exact_mut(d))
+            .zip(x_hat.chunks_exact_mut(d))
+            .zip(rstd.iter_mut());
+        for (((x, y), h), r) in rows {
+            let mean = x.iter().sum::<f32>() / d as f32;
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            *r = 1.0 / (var + eps as f32).sqrt();
+            for j in 0..d {
+                h[j] = (x[j] - mean) * *r;
+                y[j] = h[j] * gamma[j] + beta[j];
+            }
+        }
+        Ok((y, x_hat, rstd))
+    })?;
+    let op = LayerNormCpu {
+        y: Handover::new(y, x.shape()),
+        x_hat,
+        rstd,
+    };
+    x.apply_op3(gamma, beta, op)
+}
+
+/// The CPU layer norm's op; the backward follows [`layer_norm`]'s formulas
+/// row by row.
+struct LayerNormCpu {
+    y: Handover,
+    /// Normalised input, `(.., D)`.
+    x_hat: Vec<f32>,
+    /// `1 / sqrt(var + eps)` per row.
+    rstd: Vec<f32>,
+}
+
+impl CustomOp3 for LayerNormCpu {
+    fn name(&self) -> &'static str {
+        "layer-norm-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.y.take()
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = gamma.dims1()?;
+        let grad = grad.detach().contiguous()?;
+        let (dx, dgamma, dbeta) = with_slices(&[&grad, &gamma.detach()], |s| {
+            let (grad, gamma) = (s[0], s[1]);
+            let mut dx = vec![0f32; grad.len()];
+            let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
+            let mut g_hat = vec![0f32; d];
+            let rows = grad
+                .chunks_exact(d)
+                .zip(self.x_hat.chunks_exact(d))
+                .zip(dx.chunks_exact_mut(d))
+                .zip(&self.rstd);
+            for (((g, h), dx), &r) in rows {
+                let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+                for j in 0..d {
+                    g_hat[j] = g[j] * gamma[j];
+                    mean_g += g_hat[j];
+                    mean_gx += g_hat[j] * h[j];
+                    dgamma[j] += g[j] * h[j];
+                    dbeta[j] += g[j];
+                }
+                let (mean_g, mean_gx) = (mean_g / d as f32, mean_gx / d as f32);
+                for j in 0..d {
+                    dx[j] = r * (g_hat[j] - mean_g - h[j] * mean_gx);
+                }
+            }
+            Ok((dx, dgamma, dbeta))
+        })?;
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), device)?),
+            Some(Tensor::from_vec(dgamma, d, device)?),
+            Some(Tensor::from_vec(dbeta, d, device)?),
+        ))
+    }
 }
 
 struct LayerNorm {
@@ -464,9 +628,7 @@ impl CustomOp1 for Softmax {
     }
 }
 
-struct AddBias {
-    y: Tensor,
-}
+struct AddBias(Finished);
 
 impl CustomOp2 for AddBias {
     fn name(&self) -> &'static str {
@@ -480,7 +642,7 @@ impl CustomOp2 for AddBias {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_result(&self.y)
+        self.0.cpu()
     }
 
     fn cuda_fwd(
@@ -490,7 +652,7 @@ impl CustomOp2 for AddBias {
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        cuda_result(&self.y)
+        self.0.cuda()
     }
 
     fn bwd(
@@ -579,7 +741,7 @@ mod tests {
         );
         let wrong = Tensor::zeros(4, DType::F32, &Device::Cpu)?;
         let err = bias_elu(xt, &wrong).unwrap_err().to_string();
-        assert!(err.contains("bias of 4"), "{err}");
+        assert!(err.contains("vector of 4"), "{err}");
         Ok(())
     }
 
@@ -593,6 +755,7 @@ mod tests {
         let (xt, gt, bt) = (x.as_tensor(), gamma.as_tensor(), beta.as_tensor());
 
         let fused = layer_norm(xt, gt, bt, 1e-3)?;
+        let ops = layer_norm_ops(xt, gt, bt, 1e-3)?;
         let centred = xt.broadcast_sub(&xt.mean_keepdim(D::Minus1)?)?;
         let std = (centred.sqr()?.mean_keepdim(D::Minus1)? + 1e-3)?.sqrt()?;
         let plain = centred
@@ -602,6 +765,10 @@ mod tests {
         let vars = [&x, &gamma, &beta];
         assert_all_close(
             &values_and_grads(&fused, probe.as_tensor(), &vars)?,
+            &values_and_grads(&plain, probe.as_tensor(), &vars)?,
+        );
+        assert_all_close(
+            &values_and_grads(&ops, probe.as_tensor(), &vars)?,
             &values_and_grads(&plain, probe.as_tensor(), &vars)?,
         );
         Ok(())
