@@ -251,6 +251,35 @@ fn missing_or_wrong_tokens_get_unauthenticated_and_change_nothing() -> anyhow::R
             cli_stderr.push(err);
         }
     }
+    // What they print is what the README quotes, word for word: the README
+    // used to quote the bare refusal, without the call's name or the hint.
+    let readme = std::fs::read_to_string(repo_root().join("README.md"))?;
+    let (_, _, err) = cli(&["sweeps", "--coordinator", &server.url], Some(WRONG))?;
+    let printed = err.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        printed.starts_with("error: ListSweeps failed") && readme.contains(printed),
+        "the README does not quote what the CLI prints: {printed}"
+    );
+
+    // A worker with a wrong token or none exits 1 with the refusal, and
+    // never logs that it connected: it used to say "worker connected"
+    // before its first call was refused.
+    for (id, t) in [
+        ("no-token-worker", None),
+        ("wrong-token-worker", Some(WRONG)),
+    ] {
+        let mut worker = start_worker(&server.url, t, id, "guarded", &dir)?;
+        let exit = worker.wait_timeout(Duration::from_secs(60))?;
+        let log = std::fs::read_to_string(dir.join(format!("{id}.log")))?;
+        assert_eq!(exit.code(), Some(1), "{id}: {log}");
+        assert!(!log.contains("worker connected"), "{id}: {log}");
+        let printed = log.trim_end().lines().last().unwrap_or_default();
+        assert!(
+            printed.starts_with("error: LeaseJob failed") && readme.contains(printed),
+            "{id}: the README does not quote what the worker prints: {printed}"
+        );
+    }
+
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n"))?;
     let (code, out, err) = cli(
@@ -269,7 +298,7 @@ fn missing_or_wrong_tokens_get_unauthenticated_and_change_nothing() -> anyhow::R
     assert_eq!(json(&out), serde_json::json!([]));
 
     let texts: Vec<&str> = cli_stderr.iter().map(String::as_str).collect();
-    assert_no_secret_in(&[&state], &texts, &[&state.join("serve.log")]);
+    assert_no_secret_in(&[&state, &dir], &texts, &[&state.join("serve.log")]);
     Ok(())
 }
 
@@ -417,6 +446,8 @@ fn tls_with_a_private_ca_serves_the_cli_and_workers() -> anyhow::Result<()> {
         dump_logs(&state);
         panic!("the TLS worker did not finish cleanly: {exit:?}");
     }
+    let worker_log = std::fs::read_to_string(dir.join("tls-w0.log"))?;
+    assert!(worker_log.contains("worker connected"), "{worker_log}");
 
     // The CA can also come from ROTSWEEP_TLS_CA.
     let out = Command::new(bin("rotsweep"))

@@ -295,9 +295,12 @@ pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::R
     let Some(link) = connect(&cfg, &mut stop).await? else {
         return Ok(());
     };
-    tracing::info!(worker_id = %cfg.worker_id, url = %cfg.coordinator, "worker connected");
+    // A channel is only a transport: the coordinator may still refuse the
+    // token, so "connected" waits for its first answer.
+    tracing::debug!(url = %cfg.coordinator, "channel to the coordinator open");
 
     let mut n_jobs = 0;
+    let mut accepted = false;
     let mut quarantined = false;
     while !*stop.borrow() {
         if cfg.max_jobs.is_some_and(|m| n_jobs >= m) {
@@ -315,6 +318,10 @@ pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::R
         .await
         .map_err(|s| anyhow::anyhow!("LeaseJob failed: {:?}: {}", s.code(), s.message()))?;
         let Some(lease) = lease else { break };
+        if !accepted {
+            tracing::info!(worker_id = %cfg.worker_id, url = %cfg.coordinator, "worker connected");
+            accepted = true;
+        }
 
         use pb::lease_job_response::Outcome;
         match Outcome::try_from(lease.outcome).unwrap_or(Outcome::Unspecified) {
