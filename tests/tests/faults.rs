@@ -180,6 +180,17 @@ impl Rig {
         Ok(())
     }
 
+    /// Waits (bounded) for `p` to exit and checks its exit code.
+    fn exits_with(&self, p: &mut Proc, code: i32) -> anyhow::Result<()> {
+        let status = p.wait_timeout(self.left())?;
+        ensure!(
+            status.code() == Some(code),
+            "{} exited with {status}",
+            p.name
+        );
+        Ok(())
+    }
+
     /// Polls `check` until it holds, within the test's deadline.
     fn poll<T>(
         &self,
@@ -1091,10 +1102,17 @@ fn a_job_that_always_fails_ends_failed_and_a_worker_failing_in_a_loop_is_quarant
         assert_eq!((j.state.as_str(), j.attempt), ("PENDING", 0), "{j:?}");
     }
 
-    // w1 finishes the sweep; the quarantined w0 is told the queue drained.
+    // w1 finishes the sweep; the quarantined w0 is told the queue drained
+    // and exits 1, since every job it ran failed.
     let mut w1 = rig.worker("w1", &sweep)?;
     rig.exits_cleanly(&mut w1)?;
-    rig.exits_cleanly(&mut w0)?;
+    rig.exits_with(&mut w0, 1)?;
+    ensure!(
+        rig.log("w0")
+            .contains("3 jobs: 0 completed, 3 failed, 0 interrupted"),
+        "w0 did not count its jobs:\n{}",
+        rig.log("w0")
+    );
 
     let status = rig.status(&sweep)?;
     for j in &status.jobs {
@@ -1228,9 +1246,10 @@ fn bad_input_found_by_a_worker_fails_the_job_at_once_without_quarantine() -> any
     ensure!(code == 0, "submit failed: {err}");
 
     // One worker takes both jobs: a quarantine after the first would have
-    // kept it from the second, and the queue would not drain.
+    // kept it from the second, and the queue would not drain. Both failed,
+    // so it exits 1.
     let mut w0 = rig.worker("w0", "input")?;
-    rig.exits_cleanly(&mut w0)?;
+    rig.exits_with(&mut w0, 1)?;
     let status = rig.status("input")?;
     assert_eq!(status.jobs.len(), 2);
     for j in &status.jobs {

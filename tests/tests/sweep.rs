@@ -330,6 +330,88 @@ fn plan_lists_every_model_and_rotation() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A worker whose every job failed exits 1, and says so in its last log
+/// line; one with a completed job among failures, or with nothing to do,
+/// exits 0. It used to exit 0 whatever happened to its jobs, so a Slurm
+/// task or Kubernetes pod that only failed looked like a success.
+#[test]
+fn a_worker_that_completed_nothing_and_failed_jobs_exits_1() -> anyhow::Result<()> {
+    let dir = temp_dir("all-failed");
+    let server = Server::start(&dir.join("state"), Some(TOKEN), 10.0)?;
+
+    // A label only the test fold of rotation 0 has: the worker finds it
+    // when it loads the rotation, before any training, and the job fails
+    // at its first attempt. Rotation 2 tests on fold 1 and trains.
+    let data = copy_real_folds(&dir)?;
+    let mut fold4 = std::fs::read_to_string(data.join("pfam_fold_4.csv"))?;
+    fold4.push_str("MKVLAAGIVGLLLAQ,OnlyInTest\n");
+    std::fs::write(data.join("pfam_fold_4.csv"), fold4)?;
+    let shipped = repo_root().join("examples/data/pfam-real");
+    let submit = |name: &str, rotations: &[usize]| -> anyhow::Result<()> {
+        let spec = tiny_spec(&dir, name, &["rnn"], rotations, 1);
+        let text = std::fs::read_to_string(&spec)?
+            .replace(&shipped.display().to_string(), &data.display().to_string());
+        std::fs::write(&spec, text)?;
+        let spec = spec.to_str().unwrap();
+        let args = [
+            "submit",
+            spec,
+            "--coordinator",
+            &server.url,
+            "--no-data-check",
+        ];
+        let (code, _, err) = cli(&args, Some(TOKEN))?;
+        assert_eq!(code, 0, "submit failed: {err}");
+        Ok(())
+    };
+    let last_line = |id: &str| -> anyhow::Result<String> {
+        let log = std::fs::read_to_string(dir.join(format!("{id}.log")))?;
+        Ok(log
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string())
+    };
+    let run_worker = |id: &str, sweep: &str| -> anyhow::Result<i32> {
+        let mut worker = start_worker(&server.url, Some(TOKEN), id, sweep, &dir)?;
+        let status = worker.wait_timeout(Duration::from_secs(240))?;
+        status
+            .code()
+            .ok_or_else(|| anyhow::anyhow!("{id} died by a signal: {status}"))
+    };
+
+    submit("doomed", &[0])?;
+    assert_eq!(run_worker("w-failed", "doomed")?, 1);
+    let line = last_line("w-failed")?;
+    assert!(
+        line.contains("1 job: 0 completed, 1 failed, 0 interrupted"),
+        "{line}"
+    );
+
+    // Nothing left to do: exit 0.
+    assert_eq!(run_worker("w-idle", "doomed")?, 0);
+    let line = last_line("w-idle")?;
+    assert!(
+        line.contains("0 jobs: 0 completed, 0 failed, 0 interrupted"),
+        "{line}"
+    );
+
+    // One job completed and one failed: exit 0.
+    submit("mixed", &[0, 2])?;
+    let code = run_worker("w-mixed", "mixed")?;
+    let line = last_line("w-mixed")?;
+    if code != 0 {
+        dump_logs(&dir);
+    }
+    assert_eq!(code, 0, "{line}");
+    assert!(
+        line.contains("2 jobs: 1 completed, 1 failed, 0 interrupted"),
+        "{line}"
+    );
+    Ok(())
+}
+
 /// A plan cannot know the job ids the coordinator assigns on submission
 /// (they start at 1 and keep counting across sweeps), so it shows none:
 /// it used to number its rows from 0 under a `job` header, which `status`

@@ -12,6 +12,10 @@
 //!   (the job is re-queued at once without using up an attempt), and the
 //!   worker exits 0.
 //!
+//! The loop's last log line counts the jobs it leased by how they ended
+//! ([`Tally`]); the worker exits 1 when it ran jobs and none completed
+//! but some failed ([`Tally::all_failed`]).
+//!
 //! Transient RPC failures (coordinator restarting, network cut) are retried
 //! with capped exponential backoff; re-sent reports are harmless because the
 //! coordinator stores each (job, attempt, epoch) once. Every call has a
@@ -288,22 +292,104 @@ where
     }
 }
 
+/// How one leased attempt ended, as this worker saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobEnd {
+    /// The coordinator accepted its result.
+    Completed,
+    /// It failed on this worker: an error, a non-finite loss, bad input, or
+    /// a job that could not start.
+    Failed,
+    /// It stopped for a reason outside the job: the sweep was cancelled,
+    /// the worker was told to stop (the lease was released), or another
+    /// attempt took the job over (stale lease, refused result).
+    Interrupted,
+}
+
+/// What the lease loop did: the jobs it leased, counted by how each ended.
+/// It decides the worker's exit status ([`Tally::all_failed`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Jobs whose result the coordinator accepted.
+    pub n_completed: usize,
+    /// Jobs that failed on this worker.
+    pub n_failed: usize,
+    /// Jobs cancelled, released on a stop signal, or lost to another
+    /// attempt: not the job's fault, and not this worker's.
+    pub n_interrupted: usize,
+}
+
+impl Tally {
+    /// Every job leased, whatever its end.
+    pub fn n_jobs(&self) -> usize {
+        self.n_completed + self.n_failed + self.n_interrupted
+    }
+
+    /// True when the worker ran jobs, none completed and at least one
+    /// failed: the worker exits 1 then, so Slurm, Kubernetes and scripts
+    /// see that it did no useful work. Interrupted jobs alone (a SIGTERM in
+    /// the first job, a cancelled sweep) are not a failure, and neither is
+    /// finding nothing to do.
+    pub fn all_failed(&self) -> bool {
+        self.n_completed == 0 && self.n_failed > 0
+    }
+
+    fn add(&mut self, end: JobEnd) {
+        match end {
+            JobEnd::Completed => self.n_completed += 1,
+            JobEnd::Failed => self.n_failed += 1,
+            JobEnd::Interrupted => self.n_interrupted += 1,
+        }
+    }
+
+    /// `N jobs: X completed, Y failed, Z interrupted`.
+    fn line(&self) -> String {
+        let n = self.n_jobs();
+        format!(
+            "{n} {}: {} completed, {} failed, {} interrupted",
+            if n == 1 { "job" } else { "jobs" },
+            self.n_completed,
+            self.n_failed,
+            self.n_interrupted
+        )
+    }
+}
+
 /// Runs the lease loop until drained (when asked to exit then), `max_jobs`
-/// is reached, or `stop` fires.
-pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// is reached, or `stop` fires; returns what it did, which its last log
+/// line also says (on an error too).
+pub async fn run(cfg: AgentConfig, stop: watch::Receiver<bool>) -> anyhow::Result<Tally> {
+    let mut tally = Tally::default();
+    let result = lease_loop(&cfg, stop, &mut tally).await;
+    // A worker that failed before any job (a refused token) has only its
+    // error to say.
+    if result.is_ok() || tally.n_jobs() > 0 {
+        if tally.all_failed() {
+            tracing::error!("{}; none completed, exiting with status 1", tally.line());
+        } else {
+            tracing::info!("{}", tally.line());
+        }
+    }
+    result.map(|()| tally)
+}
+
+async fn lease_loop(
+    cfg: &AgentConfig,
+    mut stop: watch::Receiver<bool>,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
     let device = crate::parse_device(&cfg.device)?;
-    let Some(link) = connect(&cfg, &mut stop).await? else {
+    let Some(link) = connect(cfg, &mut stop).await? else {
         return Ok(());
     };
     // A channel is only a transport: the coordinator may still refuse the
     // token, so "connected" waits for its first answer.
     tracing::debug!(url = %cfg.coordinator, "channel to the coordinator open");
 
-    let mut n_jobs = 0;
     let mut accepted = false;
     let mut quarantined = false;
     while !*stop.borrow() {
-        if cfg.max_jobs.is_some_and(|m| n_jobs >= m) {
+        if cfg.max_jobs.is_some_and(|m| tally.n_jobs() >= m) {
             break;
         }
         let request = pb::LeaseJobRequest {
@@ -327,9 +413,14 @@ pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::R
         match Outcome::try_from(lease.outcome).unwrap_or(Outcome::Unspecified) {
             Outcome::Leased => {
                 let job = lease.job.context("LEASED answer without a job")?;
-                n_jobs += 1;
                 quarantined = false;
-                run_job(&cfg, &link, job, device.clone(), &stop).await?;
+                match run_job(cfg, &link, job, device.clone(), &stop).await {
+                    Ok(end) => tally.add(end),
+                    Err(e) => {
+                        tally.add(JobEnd::Failed);
+                        return Err(e);
+                    }
+                }
             }
             Outcome::Quarantined => {
                 if !quarantined {
@@ -351,7 +442,7 @@ pub async fn run(cfg: AgentConfig, mut stop: watch::Receiver<bool>) -> anyhow::R
                 }
             }
             Outcome::Drained if cfg.exit_when_drained => {
-                tracing::info!(n_jobs, "queue drained; worker exiting");
+                tracing::info!(n_jobs = tally.n_jobs(), "queue drained; worker exiting");
                 break;
             }
             Outcome::Drained | Outcome::Unspecified => {
@@ -372,7 +463,7 @@ async fn run_job(
     job: pb::JobLease,
     device: candle_core::Device,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<JobEnd> {
     let job_ref = pb::JobRef {
         job_id: job.job_id,
         attempt: job.attempt,
@@ -393,7 +484,7 @@ async fn run_job(
             let reason = format!("{e:#}");
             tracing::error!(error = %reason, "job cannot start");
             fail(link, &job_ref, &reason, fault).await;
-            return Ok(());
+            return Ok(JobEnd::Failed);
         }
     };
 
@@ -455,10 +546,10 @@ async fn run_job(
         let _ = hb_stop_tx.send(true);
         let _ = heartbeat.await;
         tracing::warn!("lease lost to another attempt; abandoning the job");
-        return Ok(());
+        return Ok(JobEnd::Interrupted);
     }
     flags.finishing.store(true, Ordering::SeqCst);
-    finish_job(
+    let end = finish_job(
         cfg,
         link,
         &job,
@@ -470,7 +561,7 @@ async fn run_job(
     .await;
     let _ = hb_stop_tx.send(true);
     let _ = heartbeat.await;
-    Ok(())
+    Ok(end)
 }
 
 /// Sends the final message of an attempt: its result, or why it stopped.
@@ -482,15 +573,18 @@ async fn finish_job(
     flags: &StopFlags,
     checkpoint_dir: Option<&Path>,
     result: crate::Result<TrainOutcome>,
-) {
+) -> JobEnd {
     match result {
         Ok(outcome) => {
             let accepted = complete(link, job_ref, &outcome).await;
-            if let Some(job_dir) = checkpoint_dir.and_then(Path::parent) {
-                if accepted {
-                    remove_earlier_attempts(job_dir, job.attempt);
-                }
+            if !accepted {
+                // Refused: another attempt owns the job now.
+                return JobEnd::Interrupted;
             }
+            if let Some(job_dir) = checkpoint_dir.and_then(Path::parent) {
+                remove_earlier_attempts(job_dir, job.attempt);
+            }
+            JobEnd::Completed
         }
         Err(crate::Error::Interrupted { epoch, steps_done }) => {
             if flags.cancelled.load(Ordering::SeqCst) {
@@ -504,6 +598,7 @@ async fn finish_job(
                 );
                 fail(link, job_ref, &reason, Fault::Release).await;
             }
+            JobEnd::Interrupted
         }
         Err(e) => {
             let reason = format!("{e}");
@@ -514,6 +609,7 @@ async fn finish_job(
             };
             tracing::error!(error = %reason, ?fault, "job failed");
             fail(link, job_ref, &reason, fault).await;
+            JobEnd::Failed
         }
     }
 }
@@ -805,6 +901,42 @@ mod tests {
         let (stop_tx, mut stop) = watch::channel(false);
         stop_tx.send_replace(true);
         assert!(sleep_or_stop(Duration::from_secs(600), &mut stop).await);
+    }
+
+    /// A worker whose every job failed used to exit 0, so Slurm and
+    /// Kubernetes counted it as a success.
+    #[test]
+    fn only_a_worker_that_completed_nothing_and_failed_something_exits_1() {
+        let tally = |ends: &[JobEnd]| {
+            let mut t = Tally::default();
+            ends.iter().for_each(|&e| t.add(e));
+            t
+        };
+        use JobEnd::{Completed, Failed, Interrupted};
+
+        let failed = tally(&[Failed, Failed]);
+        assert!(failed.all_failed());
+        assert_eq!(
+            failed.line(),
+            "2 jobs: 0 completed, 2 failed, 0 interrupted"
+        );
+        assert!(tally(&[Failed, Interrupted]).all_failed());
+
+        // Nothing to do, one completion among failures, or only jobs
+        // stopped from outside (SIGTERM, cancel, a lost lease): exit 0.
+        assert!(!tally(&[]).all_failed());
+        assert_eq!(
+            tally(&[]).line(),
+            "0 jobs: 0 completed, 0 failed, 0 interrupted"
+        );
+        let mixed = tally(&[Failed, Completed, Failed]);
+        assert!(!mixed.all_failed());
+        assert_eq!(mixed.line(), "3 jobs: 1 completed, 2 failed, 0 interrupted");
+        assert!(!tally(&[Interrupted]).all_failed());
+        assert_eq!(
+            tally(&[Interrupted]).line(),
+            "1 job: 0 completed, 0 failed, 1 interrupted"
+        );
     }
 
     #[test]

@@ -300,13 +300,13 @@ fn main() -> ExitCode {
     init_logging();
 
     let result = match cli.command {
-        Some(Command::Train(args)) => run_train(args),
-        Some(Command::Bench(args)) => run_bench(args),
-        Some(Command::Summary(args)) => run_summary(args),
+        Some(Command::Train(args)) => run_train(args).map(|()| ExitCode::SUCCESS),
+        Some(Command::Bench(args)) => run_bench(args).map(|()| ExitCode::SUCCESS),
+        Some(Command::Summary(args)) => run_summary(args).map(|()| ExitCode::SUCCESS),
         None => run_agent(cli.agent),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -317,7 +317,9 @@ fn main() -> ExitCode {
 /// The lease loop: resolves the flags, installs the signal handlers (the
 /// first SIGTERM/Ctrl-C stops the current job at a step boundary with a
 /// checkpoint and a lease release), and runs until the queue is drained.
-fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+/// Exits 1 when none of the jobs it ran completed and at least one failed,
+/// so a scheduler sees a worker that did no useful work.
+fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     use rotsweep_worker::agent::{self, AgentConfig};
 
     let token = rotsweep_proto::auth::Token::load(args.token_file.as_deref())
@@ -343,7 +345,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let tally = runtime.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -356,6 +358,11 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             let _ = stop_tx.send(true);
         });
         agent::run(cfg, stop_rx).await
+    })?;
+    Ok(if tally.all_failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
