@@ -902,6 +902,9 @@ fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
     local::check_data(spec)?;
     let sizes = fold_sizes(&spec.data)
         .with_context(|| format!("checking the folds in {}", spec.data.dir.display()))?;
+    // No job ids here: the coordinator assigns them when the sweep is
+    // submitted (they keep counting across sweeps), so a plan can only name
+    // each grid cell by its model and rotation.
     let mut rows = Vec::new();
     for job in spec.jobs() {
         let rot = Rotation::new(job.rotation, spec.data.folds, spec.data.train_folds)?;
@@ -925,9 +928,6 @@ fn print_plan(spec: &SweepSpec, format: Format) -> anyhow::Result<()> {
                 "sweep": spec.name,
                 "data": spec.data.dir,
                 "epochs": spec.train.epochs,
-    // No job ids here: the coordinator assigns them when the sweep is
-    // submitted (they keep counting across sweeps), so a plan can only name
-    // each grid cell by its model and rotation.
                 "jobs": rows,
             }))?
         ),
