@@ -212,7 +212,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Stream a sweep's live events until it finishes.
+    /// Stream a sweep's live events until it finishes, then say so with its
+    /// jobs counted by state. A sweep that has already finished prints each
+    /// job's final state, then the same.
     Watch {
         /// Sweep name.
         sweep: String,
@@ -625,7 +627,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                             "lost the coordinator; reconnecting (events until then are not \
                              shown, `rotsweep status` has them)"
                         );
-                        stream = rewatch(&remote, &sweep).await?;
+                        (client, stream) = rewatch(&remote, &sweep).await?;
                         tracing::info!("watching again");
                     }
                     Err(status) => return Err(rpc_error("Watch", status)),
@@ -634,11 +636,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if let Some(b) = bars {
                 b.finish();
             }
-            if n_events == 0 {
-                tracing::info!(
-                    "the sweep has already finished; see `rotsweep status` or `summary`"
+
+            // The stream ends with the sweep, at once when it had already
+            // finished. Say how it ended; a sweep that was over before the
+            // watch began gets each job's final state first, as the events
+            // a live watch would have ended with.
+            let status = client::sweep_status(&mut client, &sweep).await?;
+            let is_finished = status
+                .jobs
+                .iter()
+                .all(|j| rotsweep_coordinator::store::state::is_final(&j.state));
+            if !is_finished {
+                tracing::warn!(
+                    "the watch stream ended before the sweep finished; \
+                     `rotsweep status` has its state"
                 );
+                return Ok(ExitCode::SUCCESS);
             }
+            if n_events == 0 {
+                for j in &status.jobs {
+                    print_event(&final_event(j), format);
+                }
+            }
+            print_finished(&status, format);
             Ok(ExitCode::SUCCESS)
         }
 
@@ -733,8 +753,12 @@ fn watch_may_resume(status: &tonic::Status) -> bool {
 }
 
 /// Opens the watch stream again, retrying with backoff for up to about ten
-/// minutes while the coordinator is unreachable.
-async fn rewatch(remote: &Remote, sweep: &str) -> anyhow::Result<tonic::Streaming<pb::WatchEvent>> {
+/// minutes while the coordinator is unreachable; returns the new connection
+/// with it.
+async fn rewatch(
+    remote: &Remote,
+    sweep: &str,
+) -> anyhow::Result<(client::Client, tonic::Streaming<pb::WatchEvent>)> {
     const TRIES: u32 = 300;
     let mut last = String::new();
     for attempt in 0..TRIES {
@@ -748,7 +772,7 @@ async fn rewatch(remote: &Remote, sweep: &str) -> anyhow::Result<tonic::Streamin
             }
         };
         match open_watch(&mut client, sweep).await {
-            Ok(stream) => return Ok(stream),
+            Ok(stream) => return Ok((client, stream)),
             Err(status) if watch_may_resume(&status) => last = status.message().to_string(),
             Err(status) => return Err(rpc_error("Watch", status)),
         }
@@ -1136,6 +1160,53 @@ fn print_epochs(resp: &pb::ListEpochsResponse, format: Format) {
                     m.seconds
                 );
             }
+        }
+    }
+}
+
+/// A job's final state as the `state` event that ended it, for a sweep
+/// that finished before the watch began. The detail is the one the live
+/// event carries: the test accuracy of a finished job, else the last error.
+fn final_event(j: &pb::JobStatus) -> pb::WatchEvent {
+    use rotsweep_coordinator::store::state;
+    let detail = if j.state == state::COMPLETED || j.state == state::INVALID {
+        format!("test accuracy {:.4}", j.test_accuracy)
+    } else {
+        j.last_error.clone()
+    };
+    pb::WatchEvent {
+        job_id: j.job_id,
+        model: j.model.clone(),
+        rotation: j.rotation,
+        attempt: j.attempt,
+        event: Some(pb::watch_event::Event::State(j.state.clone())),
+        detail,
+    }
+}
+
+/// The last thing `watch` prints: the sweep finished, with its jobs counted
+/// by final state.
+fn print_finished(status: &pb::SweepStatusResponse, format: Format) {
+    let mut states = std::collections::BTreeMap::<&str, usize>::new();
+    for j in &status.jobs {
+        *states.entry(j.state.as_str()).or_default() += 1;
+    }
+    match format {
+        Format::Json => outln!(
+            "{}",
+            serde_json::json!({"sweep": status.sweep, "event": "finished",
+                               "n_jobs": status.jobs.len(), "states": states})
+        ),
+        Format::Table => {
+            let mut line = format!(
+                "sweep {} finished: {} jobs",
+                status.sweep,
+                status.jobs.len()
+            );
+            for (state, n) in &states {
+                line.push_str(&format!(", {n} {state}"));
+            }
+            outln!("{line}");
         }
     }
 }

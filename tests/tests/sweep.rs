@@ -4,6 +4,7 @@
 //! one command, and bad input failing with a clear message.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use rotsweep_proto as pb;
@@ -114,17 +115,23 @@ fn two_workers_train_a_sweep_and_every_row_is_stored_once() -> anyhow::Result<()
     let mean = gru.rotations.iter().map(|r| r.test_accuracy).sum::<f64>() / 2.0;
     assert!((gru.mean - mean).abs() < 1e-12);
 
-    // Watching a finished sweep ends at once instead of waiting forever.
-    let mut watch = Proc {
-        child: std::process::Command::new(bin("rotsweep"))
-            .args(["watch", "slice", "--coordinator", &server.url])
-            .env("ROTSWEEP_TOKEN", TOKEN)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?,
-        name: "rotsweep watch".into(),
-    };
-    assert!(watch.wait_timeout(Duration::from_secs(30))?.success());
+    // Watching a finished sweep ends at once instead of waiting forever,
+    // with each job's final state.
+    let out = watch_to_end(&server.url, "slice", "json", &dir)?;
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 3, "{out}");
+    for (line, job) in lines.iter().zip(&status.jobs) {
+        assert_eq!(line["event"], "state", "{out}");
+        assert_eq!(line["state"], "COMPLETED", "{out}");
+        assert_eq!(line["job_id"], job.job_id, "{out}");
+        let detail = format!("test accuracy {:.4}", job.test_accuracy);
+        assert_eq!(line["detail"], detail.as_str(), "{out}");
+    }
+    assert_eq!(lines[2]["event"], "finished", "{out}");
+    assert_eq!(lines[2]["states"], serde_json::json!({"COMPLETED": 2}));
 
     // The CLI's JSON summary has the documented shape.
     let (code, out, err) = cli(
@@ -150,6 +157,76 @@ fn two_workers_train_a_sweep_and_every_row_is_stored_once() -> anyhow::Result<()
     assert!(model["rotations"][0]["seconds_per_epoch"].as_f64().unwrap() > 0.0);
     assert!(model["std"].as_f64().is_some());
     assert_eq!(model["confusion"].as_array().map(Vec::len), Some(15));
+    Ok(())
+}
+
+/// Runs `rotsweep watch SWEEP --format FORMAT` to its end (bounded: a
+/// watch that never ends fails the test) and returns its stdout.
+fn watch_to_end(url: &str, sweep: &str, format: &str, dir: &Path) -> anyhow::Result<String> {
+    let out_path = dir.join(format!("watch-{sweep}-{format}.out"));
+    let mut watch = Proc {
+        child: std::process::Command::new(bin("rotsweep"))
+            .args(["watch", sweep, "--coordinator", url, "--format", format])
+            .env("ROTSWEEP_TOKEN", TOKEN)
+            .stdout(std::fs::File::create(&out_path)?)
+            .stderr(log_file(dir, &format!("watch-{sweep}-{format}"))?)
+            .spawn()?,
+        name: "rotsweep watch".into(),
+    };
+    let status = watch.wait_timeout(Duration::from_secs(30))?;
+    assert!(status.success(), "watch {sweep} exited with {status}");
+    Ok(std::fs::read_to_string(out_path)?)
+}
+
+/// `watch` on a sweep that had already finished used to print nothing on
+/// stdout (only a log line), so `--format json` readers saw an empty
+/// stream. It now prints each job's final state, as the `state` event a
+/// live watch ends with, then one `finished` object; the table says the
+/// sweep is finished.
+#[test]
+fn watching_a_finished_sweep_prints_its_final_state() -> anyhow::Result<()> {
+    let dir = temp_dir("watch-finished");
+    let server = Server::start(&dir.join("state"), Some(TOKEN), 10.0)?;
+    let spec = tiny_spec(&dir, "over", &["gru", "rnn"], &[0], 1);
+    let spec = spec.to_str().unwrap();
+    for args in [
+        vec!["submit", spec, "--coordinator", &server.url],
+        vec!["cancel", "over", "--coordinator", &server.url],
+    ] {
+        let (code, _, err) = cli(&args, Some(TOKEN))?;
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+
+    let out = watch_to_end(&server.url, "over", "json", &dir)?;
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 3, "{out}");
+    let mut models = Vec::new();
+    for line in &lines[..2] {
+        assert_eq!(
+            (line["event"].as_str(), line["state"].as_str()),
+            (Some("state"), Some("CANCELLED")),
+            "{out}"
+        );
+        assert!(line["job_id"].as_i64().is_some_and(|id| id > 0), "{out}");
+        assert_eq!(line["rotation"], 0, "{out}");
+        models.push(line["model"].as_str().unwrap_or_default());
+    }
+    assert_eq!(models, ["gru", "rnn"]);
+    assert_eq!(
+        lines[2],
+        serde_json::json!({"sweep": "over", "event": "finished", "n_jobs": 2,
+                           "states": {"CANCELLED": 2}})
+    );
+
+    let out = watch_to_end(&server.url, "over", "table", &dir)?;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("gru/rot0 (job ") && lines[0].contains("CANCELLED"));
+    assert!(lines[1].starts_with("rnn/rot0 (job ") && lines[1].contains("CANCELLED"));
+    assert_eq!(lines[2], "sweep over finished: 2 jobs, 2 CANCELLED");
     Ok(())
 }
 
