@@ -31,6 +31,7 @@ use rotsweep_shared::rng::SplitMix64;
 use rotsweep_shared::spec::{DataSpec, ModelKind, ModelSpec, SweepSpec, TrainSpec};
 use rotsweep_shared::{out, outln};
 use rotsweep_worker::adam::{Adam, AdamConfig};
+use rotsweep_worker::attention::AttentionKernel;
 use rotsweep_worker::model::{seeded_var_builder, Model};
 use rotsweep_worker::recurrent::Recurrence;
 use rotsweep_worker::train::{job_seed, train_job, EpochReport, TrainConfig, TrainHooks};
@@ -251,19 +252,22 @@ struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Recurrence implementation of rnn and gru layers.
-    #[arg(long, value_enum, default_value_t = RecurrenceArg::Fused)]
-    recurrence: RecurrenceArg,
+    #[arg(long, value_enum, default_value_t = KernelArg::Fused)]
+    recurrence: KernelArg,
+    /// Attention implementation of mha blocks.
+    #[arg(long, value_enum, default_value_t = KernelArg::Fused)]
+    attention: KernelArg,
     /// Output: one line for people, or one JSON object with the spread.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
 }
 
-/// `--recurrence` values.
+/// `--recurrence` and `--attention` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum RecurrenceArg {
+enum KernelArg {
     /// One custom op per layer with a hand-written backward.
     Fused,
-    /// Plain candle ops per time step (the reference).
+    /// Plain candle ops (the reference).
     Composed,
 }
 
@@ -693,10 +697,16 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, 42, &device);
     let recurrence = match args.recurrence {
-        RecurrenceArg::Fused => Recurrence::Fused,
-        RecurrenceArg::Composed => Recurrence::Composed,
+        KernelArg::Fused => Recurrence::Fused,
+        KernelArg::Composed => Recurrence::Composed,
     };
-    let model = Model::new(&spec, vocab, args.classes, args.len, vb)?.with_recurrence(recurrence);
+    let attention = match args.attention {
+        KernelArg::Fused => AttentionKernel::Fused,
+        KernelArg::Composed => AttentionKernel::Composed,
+    };
+    let model = Model::new(&spec, vocab, args.classes, args.len, vb)?
+        .with_recurrence(recurrence)
+        .with_attention(attention);
     let mut adam = Adam::new(&varmap, AdamConfig::default())?;
 
     // Random tokens 2..vocab and labels, as in the baselines.
