@@ -8,24 +8,29 @@
 //! flash attention does on a GPU: the row of scores lives in a buffer of
 //! `T` floats, the forward pass keeps only each row's log-sum-exp, and the
 //! backward pass recomputes the probabilities from it. Nothing larger than
-//! `(T, h*d)` is allocated, and queries, keys and values are read in place
-//! in the `(B, T, h*d)` layout the projections produce.
+//! `(T, T)` per task is allocated, and queries, keys and values are read in
+//! place in the `(B, T, 3 h*d)` layout of their one packed projection (its
+//! gradient comes back in the same layout, so the three projections are
+//! one matmul each way).
 //!
 //! On other devices [`attention`] falls back to the composition, which
 //! [`attention_composed`] keeps as the reference for the tests.
 //!
-//! With `P = softmax(Q K^T)` per head and row, `O = P V`, the backward is
+//! With `P = softmax(c Q K^T)` per head and row (`c` the scale), `O = P
+//! V`, the backward is
 //!
 //! ```text
 //! D_i  = dO_i . O_i
 //! dS   = P * (dO V^T - D)          (D broadcast along each row)
-//! dQ   = dS K,   dK = dS^T Q,   dV = P^T dO
+//! dQ   = c dS K,   dK = c dS^T Q,   dV = P^T dO
 //! ```
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{matmul, simd, simd_dispatch, with_slices, Handover, Mat, MatMut};
+use crate::cpu::{
+    gemm_into, matmul, simd, simd_dispatch, with_slices, Gemm, Handover, Mat, MatMut,
+};
 use crate::ops::softmax_last_dim;
 
 /// Which implementation attention uses.
@@ -38,43 +43,41 @@ pub enum AttentionKernel {
     Composed,
 }
 
-/// Attention of `heads` heads: `q`, `k`, `v` are `(B, T, heads * d)`, head
-/// `h` in columns `h*d .. (h+1)*d`; `q` is already scaled. Returns `(B, T,
-/// heads * d)`, softmax(q k^T) v per head, in the same column layout.
+/// Attention of `heads` heads from packed projections: `qkv` is `(B, T, 3
+/// W)` with the queries in columns `0..W`, the keys in `W..2W` and the
+/// values in `2W..3W`, head `h` in columns `h*d .. (h+1)*d` of each (`W =
+/// heads * d`). Returns `(B, T, W)`: softmax(scale q k^T) v per head, in
+/// the same column layout.
 pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: &Tensor,
     heads: usize,
+    scale: f64,
     kernel: AttentionKernel,
 ) -> candle_core::Result<Tensor> {
-    if kernel == AttentionKernel::Fused && q.device().is_cpu() && q.dtype() == DType::F32 {
-        attention_cpu(q, k, v, heads)
+    if kernel == AttentionKernel::Fused && qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+        attention_cpu(qkv, heads, scale)
     } else {
-        attention_composed(q, k, v, heads)
+        attention_composed(qkv, heads, scale)
     }
 }
 
-/// The same attention from plain candle ops (matmul, the fused softmax,
-/// matmul); any device.
-pub fn attention_composed(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-) -> candle_core::Result<Tensor> {
-    let dims = Dims::of(q, heads)?;
-    let split = |x: &Tensor| -> candle_core::Result<Tensor> {
-        x.reshape((dims.b, dims.t, heads, dims.d))?
+/// The same attention from plain candle ops (narrow, matmul, the fused
+/// softmax, matmul); any device.
+pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> candle_core::Result<Tensor> {
+    let dims = Dims::of(qkv, heads)?;
+    let w = dims.w();
+    let split = |at: usize| -> candle_core::Result<Tensor> {
+        qkv.narrow(2, at * w, w)?
+            .reshape((dims.b, dims.t, heads, dims.d))?
             .transpose(1, 2)?
             .contiguous()
     };
-    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let (q, k, v) = ((split(0)? * scale)?, split(1)?, split(2)?);
     let scores = q.matmul(&k.t()?.contiguous()?)?;
     softmax_last_dim(&scores)?
         .matmul(&v)?
         .transpose(1, 2)?
-        .reshape((dims.b, dims.t, dims.w()))
+        .reshape((dims.b, dims.t, w))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -83,48 +86,52 @@ struct Dims {
     t: usize,
     heads: usize,
     d: usize,
+    /// Multiplies the scores.
+    scale: f32,
 }
 
 impl Dims {
-    fn of(q: &Tensor, heads: usize) -> candle_core::Result<Dims> {
-        let (b, t, w) = q.dims3()?;
-        if heads == 0 || w % heads != 0 {
-            candle_core::bail!("attention: width {w} is not a multiple of {heads} heads")
+    fn of(qkv: &Tensor, heads: usize) -> candle_core::Result<Dims> {
+        let (b, t, w3) = qkv.dims3()?;
+        if heads == 0 || w3 % (3 * heads) != 0 {
+            candle_core::bail!(
+                "attention: packed width {w3} is not 3 x a multiple of {heads} heads"
+            )
         }
         Ok(Dims {
             b,
             t,
             heads,
-            d: w / heads,
+            d: w3 / 3 / heads,
+            scale: 1.0,
         })
     }
 
-    /// Row width, `heads * d`.
+    /// Output row width, `heads * d`.
     fn w(&self) -> usize {
         self.heads * self.d
     }
+
+    /// Packed input row width, `3 * heads * d`.
+    fn w3(&self) -> usize {
+        3 * self.w()
+    }
 }
 
-fn attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let dims = Dims::of(q, heads)?;
-    for (name, x) in [("keys", k), ("values", v)] {
-        if x.dims() != q.dims() {
-            candle_core::bail!(
-                "attention: {name} are {:?}, queries {:?}",
-                x.dims(),
-                q.dims()
-            )
-        }
-    }
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+fn attention_cpu(qkv: &Tensor, heads: usize, scale: f64) -> candle_core::Result<Tensor> {
+    let dims = Dims {
+        scale: scale as f32,
+        ..Dims::of(qkv, heads)?
+    };
+    let qkv = qkv.contiguous()?;
     let mut out = vec![0f32; dims.b * dims.t * dims.w()];
     let mut lse = vec![0f32; dims.b * dims.heads * dims.t];
-    with_slices(&[&q.detach(), &k.detach(), &v.detach()], |s| {
-        forward(s[0], s[1], s[2], &mut out, &mut lse, dims);
+    with_slices(&[&qkv.detach()], |s| {
+        forward(s[0], &mut out, &mut lse, dims);
         Ok(())
     })?;
-    let out = Handover::new(out, q.shape());
-    q.apply_op3(&k, &v, Attention { out, lse, dims })
+    let out = Handover::new(out, (dims.b, dims.t, dims.w()));
+    qkv.apply_op1(Attention { out, lse, dims })
 }
 
 struct Attention {
@@ -135,134 +142,76 @@ struct Attention {
     dims: Dims,
 }
 
-impl CustomOp3 for Attention {
+impl CustomOp1 for Attention {
     fn name(&self) -> &'static str {
         "attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         self.out.take()
     }
 
     fn bwd(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         out: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let n = q.elem_count();
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    ) -> candle_core::Result<Option<Tensor>> {
+        let mut dqkv = vec![0f32; qkv.elem_count()];
         let grad = grad.detach().contiguous()?;
-        with_slices(
-            &[&q.detach(), &k.detach(), &v.detach(), &out.detach(), &grad],
-            |s| {
-                let grads = Grads {
-                    dq: &mut dq,
-                    dk: &mut dk,
-                    dv: &mut dv,
-                };
-                backward(s[0], s[1], s[2], s[3], s[4], &self.lse, grads, self.dims);
-                Ok(())
-            },
-        )?;
-        let wrap = |x: Vec<f32>| Tensor::from_vec(x, q.shape(), q.device());
-        Ok((Some(wrap(dq)?), Some(wrap(dk)?), Some(wrap(dv)?)))
+        with_slices(&[&qkv.detach(), &out.detach(), &grad], |s| {
+            backward(s[0], s[1], s[2], &self.lse, &mut dqkv, self.dims);
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
     }
 }
 
-struct Grads<'a> {
-    dq: &'a mut [f32],
-    dk: &'a mut [f32],
-    dv: &'a mut [f32],
-}
-
 /// Forward over the batch, one rayon task per sequence.
-fn forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32], dims: Dims) {
-    let seq = dims.t * dims.w();
-    out.par_chunks_mut(seq)
+fn forward(qkv: &[f32], out: &mut [f32], lse: &mut [f32], dims: Dims) {
+    let (seq_in, seq_out) = (dims.t * dims.w3(), dims.t * dims.w());
+    out.par_chunks_mut(seq_out)
         .zip(lse.par_chunks_mut(dims.heads * dims.t))
-        .enumerate()
-        .for_each(|(b, (out, lse))| {
-            let at = b * seq..(b + 1) * seq;
-            let seq = Seq {
-                q: &q[at.clone()],
-                k: &k[at.clone()],
-                v: &v[at],
-                out: &[],
-                dout: &[],
-            };
-            simd_dispatch!(forward_seq, forward_seq_avx2(&seq, out, lse, dims))
+        .zip(qkv.par_chunks(seq_in))
+        .for_each(|((out, lse), qkv)| {
+            simd_dispatch!(forward_seq, forward_seq_avx2(qkv, out, lse, dims))
         });
 }
 
 /// Backward over the batch, one rayon task per sequence.
-#[allow(clippy::too_many_arguments)]
-fn backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    dout: &[f32],
-    lse: &[f32],
-    grads: Grads<'_>,
-    dims: Dims,
-) {
-    let seq = dims.t * dims.w();
-    grads
-        .dq
-        .par_chunks_mut(seq)
-        .zip(grads.dk.par_chunks_mut(seq))
-        .zip(grads.dv.par_chunks_mut(seq))
-        .enumerate()
-        .for_each(|(b, ((dq, dk), dv))| {
-            let at = b * seq..(b + 1) * seq;
-            let seq = Seq {
-                q: &q[at.clone()],
-                k: &k[at.clone()],
-                v: &v[at.clone()],
-                out: &out[at.clone()],
-                dout: &dout[at],
-            };
-            let lse = &lse[b * dims.heads * dims.t..(b + 1) * dims.heads * dims.t];
-            simd_dispatch!(
-                backward_seq,
-                backward_seq_avx2(&seq, lse, Grads { dq, dk, dv }, dims)
-            )
+fn backward(qkv: &[f32], out: &[f32], dout: &[f32], lse: &[f32], dqkv: &mut [f32], dims: Dims) {
+    let (seq_in, seq_out) = (dims.t * dims.w3(), dims.t * dims.w());
+    dqkv.par_chunks_mut(seq_in)
+        .zip(qkv.par_chunks(seq_in))
+        .zip(out.par_chunks(seq_out).zip(dout.par_chunks(seq_out)))
+        .zip(lse.par_chunks(dims.heads * dims.t))
+        .for_each(|(((dqkv, qkv), (out, dout)), lse)| {
+            let seq = Seq { qkv, out, dout };
+            simd_dispatch!(backward_seq, backward_seq_avx2(&seq, lse, dqkv, dims))
         });
 }
 
-/// One sequence's inputs, each `(T, h*d)`; the backward pass also reads
-/// the output and its gradient.
+/// One sequence for the backward pass: its packed `(T, 3 h*d)` input, and
+/// its `(T, h*d)` output and output gradient.
 struct Seq<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    qkv: &'a [f32],
     out: &'a [f32],
     dout: &'a [f32],
 }
 
 /// One sequence's attention, every head.
 #[inline(always)]
-fn forward_seq(seq: &Seq<'_>, out: &mut [f32], lse: &mut [f32], dims: Dims) {
-    let (t, d, w) = (dims.t, dims.d, dims.w());
+fn forward_seq(qkv: &[f32], out: &mut [f32], lse: &mut [f32], dims: Dims) {
+    let (t, d, w, w3) = (dims.t, dims.d, dims.w(), dims.w3());
     let mut p = vec![0f32; t * t];
     for h in 0..dims.heads {
-        let (qh, kh, vh) = (&seq.q[h * d..], &seq.k[h * d..], &seq.v[h * d..]);
-        // S = Q K^T, then each row's softmax in place.
-        matmul(
+        let (qh, kh, vh) = (&qkv[h * d..], &qkv[w + h * d..], &qkv[2 * w + h * d..]);
+        // S = c Q K^T, then each row's softmax in place.
+        gemm_into(
             MatMut::new(&mut p, t, t, t, 1),
-            Mat::new(qh, t, d, w, 1),
-            Mat::new(kh, d, t, 1, w),
+            Mat::new(qh, t, d, w3, 1),
+            Mat::new(kh, d, t, 1, w3),
+            Gemm::scaled(dims.scale),
         );
         for (row, lse) in p.chunks_exact_mut(t).zip(&mut lse[h * t..(h + 1) * t]) {
             let m = simd::max(row);
@@ -274,27 +223,30 @@ fn forward_seq(seq: &Seq<'_>, out: &mut [f32], lse: &mut [f32], dims: Dims) {
         matmul(
             MatMut::new(&mut out[h * d..], t, d, w, 1),
             Mat::new(&p, t, t, t, 1),
-            Mat::new(vh, t, d, w, 1),
+            Mat::new(vh, t, d, w3, 1),
         );
     }
 }
 
-/// One sequence's gradients, every head.
+/// One sequence's gradients, every head, into its packed `(T, 3 h*d)`
+/// gradient.
 #[inline(always)]
-fn backward_seq(seq: &Seq<'_>, lse: &[f32], grads: Grads<'_>, dims: Dims) {
-    let (t, d, w) = (dims.t, dims.d, dims.w());
+fn backward_seq(seq: &Seq<'_>, lse: &[f32], dqkv: &mut [f32], dims: Dims) {
+    let (t, d, w, w3) = (dims.t, dims.d, dims.w(), dims.w3());
     let mut p = vec![0f32; t * t];
     let mut ds = vec![0f32; t * t];
     let mut dot = vec![0f32; t];
     for h in 0..dims.heads {
         let cols = h * d..(h + 1) * d;
-        let (qh, kh, vh) = (&seq.q[h * d..], &seq.k[h * d..], &seq.v[h * d..]);
+        let qkv = seq.qkv;
+        let (qh, kh, vh) = (&qkv[h * d..], &qkv[w + h * d..], &qkv[2 * w + h * d..]);
         let doh = &seq.dout[h * d..];
         // P again, from the stored log-sum-exp.
-        matmul(
+        gemm_into(
             MatMut::new(&mut p, t, t, t, 1),
-            Mat::new(qh, t, d, w, 1),
-            Mat::new(kh, d, t, 1, w),
+            Mat::new(qh, t, d, w3, 1),
+            Mat::new(kh, d, t, 1, w3),
+            Gemm::scaled(dims.scale),
         );
         for (row, &lse) in p.chunks_exact_mut(t).zip(&lse[h * t..(h + 1) * t]) {
             simd::exp_shifted(row, lse);
@@ -303,7 +255,7 @@ fn backward_seq(seq: &Seq<'_>, lse: &[f32], grads: Grads<'_>, dims: Dims) {
         matmul(
             MatMut::new(&mut ds, t, t, t, 1),
             Mat::new(doh, t, d, w, 1),
-            Mat::new(vh, d, t, 1, w),
+            Mat::new(vh, d, t, 1, w3),
         );
         for (i, di) in dot.iter_mut().enumerate() {
             let doi = &seq.dout[i * w..][cols.clone()];
@@ -315,19 +267,21 @@ fn backward_seq(seq: &Seq<'_>, lse: &[f32], grads: Grads<'_>, dims: Dims) {
                 *g = pj * (*g - di);
             }
         }
-        // dQ = dS K, dK = dS^T Q, dV = P^T dO.
-        matmul(
-            MatMut::new(&mut grads.dq[h * d..], t, d, w, 1),
+        // dQ = c dS K, dK = c dS^T Q, dV = P^T dO.
+        gemm_into(
+            MatMut::new(&mut dqkv[h * d..], t, d, w3, 1),
             Mat::new(&ds, t, t, t, 1),
-            Mat::new(kh, t, d, w, 1),
+            Mat::new(kh, t, d, w3, 1),
+            Gemm::scaled(dims.scale),
         );
-        matmul(
-            MatMut::new(&mut grads.dk[h * d..], t, d, w, 1),
+        gemm_into(
+            MatMut::new(&mut dqkv[w + h * d..], t, d, w3, 1),
             Mat::new(&ds, t, t, 1, t),
-            Mat::new(qh, t, d, w, 1),
+            Mat::new(qh, t, d, w3, 1),
+            Gemm::scaled(dims.scale),
         );
         matmul(
-            MatMut::new(&mut grads.dv[h * d..], t, d, w, 1),
+            MatMut::new(&mut dqkv[2 * w + h * d..], t, d, w3, 1),
             Mat::new(&p, t, t, 1, t),
             Mat::new(doh, t, d, w, 1),
         );
@@ -336,14 +290,14 @@ fn backward_seq(seq: &Seq<'_>, lse: &[f32], grads: Grads<'_>, dims: Dims) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn forward_seq_avx2(seq: &Seq<'_>, out: &mut [f32], lse: &mut [f32], dims: Dims) {
-    forward_seq(seq, out, lse, dims)
+unsafe fn forward_seq_avx2(qkv: &[f32], out: &mut [f32], lse: &mut [f32], dims: Dims) {
+    forward_seq(qkv, out, lse, dims)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn backward_seq_avx2(seq: &Seq<'_>, lse: &[f32], grads: Grads<'_>, dims: Dims) {
-    backward_seq(seq, lse, grads, dims)
+unsafe fn backward_seq_avx2(seq: &Seq<'_>, lse: &[f32], dqkv: &mut [f32], dims: Dims) {
+    backward_seq(seq, lse, dqkv, dims)
 }
 
 #[cfg(test)]
@@ -363,31 +317,22 @@ mod tests {
     /// Values and gradients of `sum(attention * probe)` for both paths.
     fn compare(b: usize, t: usize, heads: usize, d: usize, seed: u64) -> candle_core::Result<()> {
         let mut rng = SplitMix64::new(seed);
-        let shape = [b, t, heads * d];
-        let (q, k, v) = (
-            random_var(&shape, &mut rng)?,
-            random_var(&shape, &mut rng)?,
-            random_var(&shape, &mut rng)?,
-        );
-        let probe = random_var(&shape, &mut rng)?;
-        let run = |f: fn(&Tensor, &Tensor, &Tensor, usize) -> candle_core::Result<Tensor>| {
-            let y = f(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads)?;
+        let qkv = random_var(&[b, t, 3 * heads * d], &mut rng)?;
+        let probe = random_var(&[b, t, heads * d], &mut rng)?;
+        let scale = 0.7;
+        let run = |f: fn(&Tensor, usize, f64) -> candle_core::Result<Tensor>| {
+            let y = f(qkv.as_tensor(), heads, scale)?;
             let grads = (&y * probe.as_tensor())?.sum_all()?.backward()?;
-            let mut out = vec![y.flatten_all()?.to_vec1::<f32>()?];
-            for var in [&q, &k, &v] {
-                let g = grads
-                    .get(var.as_tensor())
-                    .expect("a gradient for every input");
-                out.push(g.flatten_all()?.to_vec1::<f32>()?);
-            }
-            candle_core::Result::Ok(out)
+            let g = grads.get(qkv.as_tensor()).expect("a gradient");
+            candle_core::Result::Ok(vec![
+                y.flatten_all()?.to_vec1::<f32>()?,
+                g.flatten_all()?.to_vec1::<f32>()?,
+            ])
         };
         let fused = run(attention_cpu)?;
         let plain = run(attention_composed)?;
-        for (what, (x, y)) in ["out", "dq", "dk", "dv"]
-            .iter()
-            .zip(fused.iter().zip(&plain))
-        {
+        for (what, (x, y)) in ["out", "dqkv"].iter().zip(fused.iter().zip(&plain)) {
+            assert_eq!(x.len(), y.len());
             for (i, (u, w)) in x.iter().zip(y).enumerate() {
                 let tol = 1e-5 * (1.0 + w.abs());
                 assert!((u - w).abs() < tol, "{what}[{i}]: fused {u}, composed {w}");
@@ -406,17 +351,13 @@ mod tests {
     }
 
     #[test]
-    fn attention_rejects_mismatched_inputs() -> candle_core::Result<()> {
-        let q = Tensor::zeros((2, 5, 8), DType::F32, &Device::Cpu)?;
-        let k = Tensor::zeros((2, 4, 8), DType::F32, &Device::Cpu)?;
-        let err = attention(&q, &k, &q, 2, AttentionKernel::Fused)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("keys"), "{err}");
-        let err = attention(&q, &q, &q, 3, AttentionKernel::Fused)
+    fn attention_rejects_a_width_that_is_not_three_heads_wide() -> candle_core::Result<()> {
+        let qkv = Tensor::zeros((2, 5, 12), DType::F32, &Device::Cpu)?;
+        let err = attention(&qkv, 3, 1.0, AttentionKernel::Fused)
             .unwrap_err()
             .to_string();
         assert!(err.contains("3 heads"), "{err}");
+        assert!(attention(&qkv, 2, 1.0, AttentionKernel::Fused).is_ok());
         Ok(())
     }
 }

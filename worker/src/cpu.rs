@@ -136,16 +136,38 @@ pub fn matmul(dst: MatMut<'_>, lhs: Mat<'_>, rhs: Mat<'_>) {
 }
 
 /// How [`gemm_into`] writes and whether it uses threads.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Gemm {
     /// `dst += lhs rhs` instead of `dst = lhs rhs`.
     pub accumulate: bool,
     /// Split the work over rayon's pool (for one large product; kernels
     /// that already run one task per sequence leave it off).
     pub parallel: bool,
+    /// Multiplies the product.
+    pub scale: f32,
 }
 
-/// `dst (+)= lhs rhs` with the `gemm` crate, the GEMM candle's CPU
+impl Default for Gemm {
+    fn default() -> Self {
+        Self {
+            accumulate: false,
+            parallel: false,
+            scale: 1.0,
+        }
+    }
+}
+
+impl Gemm {
+    /// `dst = scale * lhs rhs`, on this thread.
+    pub fn scaled(scale: f32) -> Self {
+        Self {
+            scale,
+            ..Self::default()
+        }
+    }
+}
+
+/// `dst (+)= scale * lhs rhs` with the `gemm` crate, the GEMM candle's CPU
 /// backend uses.
 pub fn gemm_into(dst: MatMut<'_>, lhs: Mat<'_>, rhs: Mat<'_>, how: Gemm) {
     assert!(
@@ -182,7 +204,7 @@ pub fn gemm_into(dst: MatMut<'_>, lhs: Mat<'_>, rhs: Mat<'_>, how: Gemm) {
             rhs.cs as isize,
             rhs.rs as isize,
             1.0,
-            1.0,
+            how.scale,
             false,
             false,
             false,

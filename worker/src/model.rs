@@ -146,12 +146,15 @@ impl AttentionBlock {
 
     /// `xs`: `(B, T, D)` -> `(B, T, D)`.
     fn forward(&self, xs: &Tensor, kernel: AttentionKernel) -> Result<Tensor> {
+        // The three projections as one matmul, `(B, T, 3 h*d)`; the kernel
+        // reads them in place and returns their gradient packed the same way.
+        let (q, k, v) = (&self.query, &self.key, &self.value);
+        let w = Tensor::cat(&[&q.w, &k.w, &v.w], 0)?;
+        let b = Tensor::cat(&[&q.b, &k.b, &v.b], 0)?;
+        let qkv = linear(xs, &w, &b)?;
         let scale = 1.0 / (self.key_size as f64).sqrt();
-        let q = (self.query.forward(xs)? * scale)?;
-        let k = self.key.forward(xs)?;
-        let v = self.value.forward(xs)?;
-        // (B, T, h*d): every head's softmax(q k^T) v, heads side by side.
-        let mixed = attention(&q, &k, &v, self.heads, kernel)?;
+        // (B, T, h*d): every head's softmax(scale q k^T) v, side by side.
+        let mixed = attention(&qkv, self.heads, scale, kernel)?;
         let ys = (xs + self.output.forward(&mixed)?)?;
         Ok(layer_norm(&ys, &self.gamma, &self.beta, LAYER_NORM_EPS)?)
     }
@@ -601,14 +604,20 @@ impl Dense {
 
     /// `(.., in)` -> `(.., out)`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut dims = xs.dims().to_vec();
-        let n_in = dims.pop().unwrap_or(1);
-        let rows: usize = dims.iter().product();
-        let ys = xs.reshape((rows, n_in))?.matmul(&self.w.t()?)?;
-        let ys = add_bias(&ys, &self.b)?;
-        dims.push(self.w.dim(0)?);
-        Ok(ys.reshape(dims)?)
+        linear(xs, &self.w, &self.b)
     }
+}
+
+/// `xs w^T + b` over the last dimension: `xs` `(.., in)`, `w` `(out, in)`,
+/// `b` `(out)` -> `(.., out)`.
+fn linear(xs: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let mut dims = xs.dims().to_vec();
+    let n_in = dims.pop().unwrap_or(1);
+    let rows: usize = dims.iter().product();
+    let ys = xs.reshape((rows, n_in))?.matmul(&w.t()?)?;
+    let ys = add_bias(&ys, b)?;
+    dims.push(w.dim(0)?);
+    Ok(ys.reshape(dims)?)
 }
 
 /// Glorot (Xavier) uniform, the Keras default kernel initialiser.

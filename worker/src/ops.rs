@@ -6,15 +6,18 @@
 //! cost about 15 % of a GRU training step. The ops here compute such sums as
 //! one matmul with a row of ones instead.
 //!
-//! The softmax and the layer norm are here for a related reason: their
-//! composed backward passes make many passes over large tensors, where a
-//! hand-written one makes three.
+//! The softmax, the layer norm and the bias + ELU are here for a related
+//! reason: their composed backward passes make many passes over large
+//! tensors, where a hand-written one makes one to three.
 //!
-//! They share one pattern, also used by [`crate::recurrent`]: compute the
-//! result on detached tensors with ordinary (device-generic) ops, then wrap
-//! it in a custom op whose forward hands the finished tensor back and whose
-//! backward is written by hand with tensor ops. Nothing device-specific is
-//! needed beyond cloning a storage, so CPU and CUDA both work.
+//! Each op comes in two forms. On the CPU (f32) the forward and backward
+//! are plain loops over the tensors' slices ([`crate::cpu`]) and the result
+//! is handed to candle without a copy. Elsewhere the result is computed on
+//! detached tensors with ordinary (device-generic) ops and wrapped in a
+//! custom op whose forward hands the finished tensor back and whose
+//! backward is written with tensor ops; nothing device-specific is needed
+//! beyond cloning a storage, so CUDA works too. Tests check both forms
+//! against the plain composition.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{

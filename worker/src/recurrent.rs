@@ -498,7 +498,7 @@ fn rnn_forward(x: &[f32], w: &[f32], hs: &mut [f32], dims: Steps, rows: Range<us
                 Mat::new(w, h, h, 1, h),
                 Gemm {
                     accumulate: true,
-                    parallel: false,
+                    ..Gemm::default()
                 },
             );
         }
@@ -565,8 +565,8 @@ fn weight_gradient(dpre: &[f32], hs: &[f32], dims: Steps, g: usize) -> Vec<f32> 
             Mat::new(&dpre[b * g..], g, rows, 1, g),
             Mat::new(hs, rows, h, h, 1),
             Gemm {
-                accumulate: false,
                 parallel: true,
+                ..Gemm::default()
             },
         );
     }
@@ -616,7 +616,7 @@ fn gru_forward(x: &[f32], w: &[f32], bias: &[f32], dims: Steps, rows: Range<usiz
                 Mat::new(w, h, g, 1, h),
                 Gemm {
                     accumulate: true,
-                    parallel: false,
+                    ..Gemm::default()
                 },
             );
             &prev[..blk]
@@ -724,7 +724,7 @@ fn gru_backward(
                 Mat::new(w, g, h, h, 1),
                 Gemm {
                     accumulate: true,
-                    parallel: false,
+                    ..Gemm::default()
                 },
             );
         }
