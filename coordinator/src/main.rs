@@ -1246,6 +1246,7 @@ fn print_event(e: &pb::WatchEvent, format: Format) {
             m.val_accuracy,
             m.seconds
         ),
+        (Format::Table, Some(E::State(s))) if e.detail.is_empty() => outln!("{job}: {s}"),
         (Format::Table, Some(E::State(s))) => outln!("{job}: {s} {}", e.detail),
         (_, None) => {}
     }

@@ -243,7 +243,8 @@ impl Bars {
             bar.set_position(0);
             bar.set_message("idle");
         }
-        self.println(&format!("{}: {new_state} {detail}", self.name(job_id)));
+        let line = format!("{}: {new_state} {detail}", self.name(job_id));
+        self.println(line.trim_end());
         self.update_sweep();
     }
 
