@@ -284,6 +284,39 @@ impl CoordinatorService {
         let _ = self.events.send(event);
     }
 
+    /// The LEASED answer for `l`.
+    fn lease_response(&self, l: store::Lease, ttl: i64) -> pb::LeaseJobResponse {
+        let checkpoint_dir =
+            self.config
+                .checkpoint_root
+                .as_ref()
+                .map_or_else(String::new, |root| {
+                    root.join(format!("job-{}", l.job_id))
+                        .to_string_lossy()
+                        .into_owned()
+                });
+        let spec_seed = SweepSpec::from_json(&l.spec_json)
+            .map(|s| s.train.seed)
+            .unwrap_or(0);
+        pb::LeaseJobResponse {
+            outcome: pb::lease_job_response::Outcome::Leased as i32,
+            job: Some(pb::JobLease {
+                job_id: l.job_id,
+                attempt: l.attempt,
+                lease_token: l.token,
+                sweep: l.sweep,
+                model: l.model,
+                rotation: l.rotation,
+                spec_json: l.spec_json,
+                lease_ttl_ms: ttl as u32,
+                checkpoint_dir,
+                seed: rotsweep_shared::rng::mix_seed(&[spec_seed, u64::from(l.rotation)]),
+            }),
+            retry_after_ms: 0,
+            reason: String::new(),
+        }
+    }
+
     fn publish_expired(&self, expired: Vec<store::Expired>) {
         for e in expired {
             tracing::warn!(
@@ -369,11 +402,17 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let ttl = self.ttl_ms();
         let worker_id = req.worker_id.clone();
         let sweep = (!req.sweep.is_empty()).then_some(req.sweep);
+        let request_id = req.request_id;
         let (expired, outcome) = self
             .write(move |s, tx| {
                 // The lease expires overdue leases first; they are published
                 // once the group commits.
-                let outcome = s.lease_in(tx, &worker_id, sweep.as_deref(), store::now_ms(), ttl);
+                let request = store::LeaseRequest {
+                    worker_id: &worker_id,
+                    sweep: sweep.as_deref(),
+                    request_id: &request_id,
+                };
+                let outcome = s.lease_in(tx, &request, store::now_ms(), ttl);
                 let expired = s.take_expired();
                 Ok((expired, outcome?))
             })
@@ -381,6 +420,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.publish_expired(expired);
 
         let response = match outcome {
+            LeaseOutcome::Leased(l) if l.replayed => {
+                // Watchers saw this lease when it was first taken.
+                tracing::info!(job_id = l.job_id, attempt = l.attempt, worker_id = %req.worker_id, "lease re-sent to a retried request");
+                self.lease_response(l, ttl)
+            }
             LeaseOutcome::Leased(l) => {
                 tracing::info!(job_id = l.job_id, attempt = l.attempt, model = %l.model, rotation = l.rotation, "job leased");
                 self.publish(Event::Leased {
@@ -391,35 +435,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     attempt: l.attempt,
                     worker_id: req.worker_id.clone(),
                 });
-                let checkpoint_dir =
-                    self.config
-                        .checkpoint_root
-                        .as_ref()
-                        .map_or_else(String::new, |root| {
-                            root.join(format!("job-{}", l.job_id))
-                                .to_string_lossy()
-                                .into_owned()
-                        });
-                let spec_seed = SweepSpec::from_json(&l.spec_json)
-                    .map(|s| s.train.seed)
-                    .unwrap_or(0);
-                pb::LeaseJobResponse {
-                    outcome: pb::lease_job_response::Outcome::Leased as i32,
-                    job: Some(pb::JobLease {
-                        job_id: l.job_id,
-                        attempt: l.attempt,
-                        lease_token: l.token,
-                        sweep: l.sweep,
-                        model: l.model,
-                        rotation: l.rotation,
-                        spec_json: l.spec_json,
-                        lease_ttl_ms: ttl as u32,
-                        checkpoint_dir,
-                        seed: rotsweep_shared::rng::mix_seed(&[spec_seed, u64::from(l.rotation)]),
-                    }),
-                    retry_after_ms: 0,
-                    reason: String::new(),
-                }
+                self.lease_response(l, ttl)
             }
             LeaseOutcome::Wait => pb::LeaseJobResponse {
                 outcome: pb::lease_job_response::Outcome::Wait as i32,

@@ -147,6 +147,19 @@ pub struct Lease {
     pub rotation: u32,
     /// The sweep's spec as JSON.
     pub spec_json: String,
+    /// The same lease handed out again to a retried request.
+    pub replayed: bool,
+}
+
+/// Who asks for a lease.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseRequest<'a> {
+    pub worker_id: &'a str,
+    /// Only this sweep's jobs.
+    pub sweep: Option<&'a str>,
+    /// The worker's id for this request, the same on its retries; empty for
+    /// none (see [`Store::lease_in`]).
+    pub request_id: &'a str,
 }
 
 /// Result of asking for a lease.
@@ -398,6 +411,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     best_metric        REAL,
     run_ms             INTEGER NOT NULL DEFAULT 0,
     released           INTEGER NOT NULL DEFAULT 0,
+    lease_request      TEXT NOT NULL DEFAULT '',
     UNIQUE (sweep_id, model, rotation)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, cost DESC, id);
@@ -519,6 +533,12 @@ impl Store {
         // Databases made before the concurrency cap and measured costs.
         if !has_column(&conn, "sweeps", "max_concurrent")? {
             conn.execute_batch("ALTER TABLE sweeps ADD COLUMN max_concurrent INTEGER")?;
+        }
+        // Databases made before idempotent lease requests.
+        if !has_column(&conn, "jobs", "lease_request")? {
+            conn.execute_batch(
+                "ALTER TABLE jobs ADD COLUMN lease_request TEXT NOT NULL DEFAULT ''",
+            )?;
         }
         if !has_column(&conn, "jobs", "base_cost")? {
             conn.execute_batch(
@@ -708,24 +728,38 @@ impl Store {
         now: i64,
         ttl_ms: i64,
     ) -> StoreResult<LeaseOutcome> {
-        self.write(|tx| self.lease_in(tx, worker_id, sweep, now, ttl_ms))
+        let request = LeaseRequest {
+            worker_id,
+            sweep,
+            request_id: "",
+        };
+        self.write(|tx| self.lease_in(tx, &request, now, ttl_ms))
     }
 
     /// [`Store::lease`] inside the caller's open transaction.
+    ///
+    /// A request whose `request_id` matches the running lease it took
+    /// earlier (the worker retried because the answer was lost) gets that
+    /// lease again, with its deadline extended and `replayed` set.
     pub fn lease_in(
         &self,
         tx: &Connection,
-        worker_id: &str,
-        sweep: Option<&str>,
+        request: &LeaseRequest<'_>,
         now: i64,
         ttl_ms: i64,
     ) -> StoreResult<LeaseOutcome> {
+        let (worker_id, sweep) = (request.worker_id, request.sweep);
         let expired = expire_in(tx, now)?;
         if !expired.is_empty() {
             self.expired
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(expired);
+        }
+        if !request.request_id.is_empty() {
+            if let Some(lease) = replay_lease(tx, request, now, ttl_ms)? {
+                return Ok(LeaseOutcome::Leased(lease));
+            }
         }
 
         let sweep_id: Option<i64> = match sweep {
@@ -788,7 +822,8 @@ impl Store {
                 let token = new_token();
                 tx.execute(
                     "UPDATE jobs SET state = ?1, attempt = ?2, lease_token = ?3, worker_id = ?4, \
-                     lease_deadline_ms = ?5, attempt_started_ms = ?6 WHERE id = ?7",
+                     lease_deadline_ms = ?5, attempt_started_ms = ?6, lease_request = ?7 \
+                     WHERE id = ?8",
                     params![
                         state::RUNNING,
                         attempt,
@@ -796,6 +831,7 @@ impl Store {
                         worker_id,
                         now + ttl_ms,
                         now,
+                        request.request_id,
                         job_id
                     ],
                 )?;
@@ -812,6 +848,7 @@ impl Store {
                     model,
                     rotation,
                     spec_json,
+                    replayed: false,
                 })
             }
             None => {
@@ -1641,6 +1678,43 @@ fn run_ms_of(conn: &Connection, job_id: i64, now: i64) -> StoreResult<i64> {
     Ok(run_ms + started.map_or(0, |s| (now - s).max(0)))
 }
 
+/// The running lease that `request` took earlier, if its first answer was
+/// lost: same job, attempt and token, deadline extended.
+fn replay_lease(
+    tx: &Connection,
+    request: &LeaseRequest<'_>,
+    now: i64,
+    ttl_ms: i64,
+) -> StoreResult<Option<Lease>> {
+    let found = tx
+        .query_row(
+            "SELECT j.id, j.attempt, j.lease_token, s.name, j.model, j.rotation, s.spec_json \
+             FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
+             WHERE j.state = ?1 AND j.worker_id = ?2 AND j.lease_request = ?3",
+            params![state::RUNNING, request.worker_id, request.request_id],
+            |r| {
+                Ok(Lease {
+                    job_id: r.get(0)?,
+                    attempt: r.get(1)?,
+                    token: r.get(2)?,
+                    sweep: r.get(3)?,
+                    model: r.get(4)?,
+                    rotation: r.get(5)?,
+                    spec_json: r.get(6)?,
+                    replayed: true,
+                })
+            },
+        )
+        .optional()?;
+    if let Some(lease) = &found {
+        tx.execute(
+            "UPDATE jobs SET lease_deadline_ms = ?1 WHERE id = ?2",
+            params![now + ttl_ms, lease.job_id],
+        )?;
+    }
+    Ok(found)
+}
+
 /// Ends every RUNNING attempt whose lease deadline passed: the job is
 /// re-queued, FAILED when out of attempts, or CANCELLED when its sweep was
 /// cancelled (a cancelled sweep must still finish when its worker is lost).
@@ -1854,6 +1928,42 @@ mod tests {
             .map(|r| (r.metrics.epoch, r.attempt))
             .collect();
         assert_eq!(rows, vec![(1, 1), (2, 2), (3, 2)]);
+    }
+
+    #[test]
+    fn a_retried_lease_request_gets_its_lease_back() {
+        let store = temp_store("replay");
+        store.submit(&spec("s", 1), false).unwrap();
+        let ask = |worker: &str, id: &str, now: i64| {
+            let request = LeaseRequest {
+                worker_id: worker,
+                sweep: None,
+                request_id: id,
+            };
+            store.write(|tx| store.lease_in(tx, &request, now, 1000))
+        };
+        let first = leased(ask("w", "r1", 0).unwrap());
+        assert!(!first.replayed);
+        // The answer was lost; the retry carries the same id.
+        let again = leased(ask("w", "r1", 500).unwrap());
+        assert!(again.replayed);
+        assert_eq!(
+            (again.job_id, again.attempt, &again.token),
+            (first.job_id, first.attempt, &first.token)
+        );
+        // The retry extended the lease: at 1200 it has not expired.
+        store.heartbeat(&at(&first), 1200, 1000).unwrap();
+        // Another request, or the same id from another worker, is new.
+        let second = leased(ask("w", "r2", 1300).unwrap());
+        let third = leased(ask("x", "r1", 1300).unwrap());
+        assert!(!second.replayed && !third.replayed);
+        let ids = [first.job_id, second.job_id, third.job_id];
+        assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+        // Once the job ends, its request id no longer matches anything:
+        // the same id now takes the last queued job.
+        store.complete(&at(&first), &completion(0.5), 1400).unwrap();
+        let fourth = leased(ask("w", "r1", 1500).unwrap());
+        assert!(!fourth.replayed && !ids.contains(&fourth.job_id));
     }
 
     #[test]

@@ -388,14 +388,18 @@ async fn lease_loop(
 
     let mut accepted = false;
     let mut quarantined = false;
+    let mut request_ids = RequestIds::new();
     while !*stop.borrow() {
         if cfg.max_jobs.is_some_and(|m| tally.n_jobs() >= m) {
             break;
         }
+        // One id per request, kept by its retries: a retry whose first
+        // answer was lost gets the lease that answer carried.
         let request = pb::LeaseJobRequest {
             worker_id: cfg.worker_id.clone(),
             sweep: cfg.sweep.clone().unwrap_or_default(),
             device: cfg.device.clone(),
+            request_id: request_ids.next(),
         };
         let lease = with_retry("LeaseJob", &link, Some(&mut stop), |mut c| {
             let request = request.clone();
@@ -881,6 +885,28 @@ async fn fail(link: &Link, job_ref: &pb::JobRef, reason: &str, fault: Fault) {
     .await
     {
         tracing::error!(code = ?status.code(), error = %status.message(), "FailJob refused");
+    }
+}
+
+/// Ids of this process's lease requests: a random prefix (so a restarted
+/// worker with the same `--worker-id` never repeats one) and a counter.
+struct RequestIds {
+    prefix: u64,
+    next: u64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let prefix = rotsweep_shared::rng::mix_seed(&[nanos, u64::from(std::process::id())]);
+        Self { prefix, next: 0 }
+    }
+
+    fn next(&mut self) -> String {
+        self.next += 1;
+        format!("{:016x}-{}", self.prefix, self.next)
     }
 }
 

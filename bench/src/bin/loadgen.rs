@@ -287,8 +287,8 @@ async fn worker(
         let lease = client
             .lease_job(pb::LeaseJobRequest {
                 worker_id: id.clone(),
-                sweep: String::new(),
                 device: "sim".into(),
+                ..Default::default()
             })
             .await;
         s.lease.push(ms(t));
