@@ -545,7 +545,9 @@ async fn run_job(
         send_report(link, &job_ref, &report, &flags).await;
     }
 
-    let result = result.context("training thread panicked");
+    // A panic in training fails this job (the coordinator retries it up
+    // to its attempt limit), not the worker.
+    let result = joined(result);
     if flags.stale.load(Ordering::SeqCst) {
         let _ = hb_stop_tx.send(true);
         let _ = heartbeat.await;
@@ -560,7 +562,7 @@ async fn run_job(
         &job_ref,
         &flags,
         checkpoint_dir.as_deref(),
-        result?,
+        result,
     )
     .await;
     let _ = hb_stop_tx.send(true);
@@ -888,6 +890,26 @@ async fn fail(link: &Link, job_ref: &pb::JobRef, reason: &str, fault: Fault) {
     }
 }
 
+/// A blocking task's result, with a panic turned into [`crate::Error::Panicked`].
+fn joined<T>(result: Result<crate::Result<T>, tokio::task::JoinError>) -> crate::Result<T> {
+    result.unwrap_or_else(|e| {
+        let message = match e.try_into_panic() {
+            Ok(payload) => panic_message(payload.as_ref()),
+            Err(e) => e.to_string(),
+        };
+        Err(crate::Error::Panicked(message))
+    })
+}
+
+/// The text of a panic's payload (a `&str` or `String`, as `panic!` makes).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
 /// Ids of this process's lease requests: a random prefix (so a restarted
 /// worker with the same `--worker-id` never repeats one) and a counter.
 struct RequestIds {
@@ -917,6 +939,27 @@ mod tests {
     /// Regression (#3): with no stop signal, retries gave up after the first
     /// transient error, dropping epoch reports and completions whenever the
     /// coordinator restarted.
+    #[tokio::test]
+    async fn a_panic_in_training_is_the_jobs_failure_not_the_workers() {
+        let result = tokio::task::spawn_blocking(|| -> crate::Result<u32> {
+            panic!("capacity overflow");
+        })
+        .await;
+        let err = joined(result).unwrap_err();
+        assert!(matches!(&err, crate::Error::Panicked(m) if m == "capacity overflow"));
+        assert!(!err.is_invalid_input());
+        let owned = tokio::task::spawn_blocking(|| -> crate::Result<u32> {
+            panic!("{} rows", 3);
+        })
+        .await;
+        assert_eq!(
+            joined(owned).unwrap_err().to_string(),
+            "training panicked: 3 rows"
+        );
+        let fine = tokio::task::spawn_blocking(|| -> crate::Result<u32> { Ok(7) }).await;
+        assert_eq!(joined(fine).unwrap(), 7);
+    }
+
     #[tokio::test]
     async fn a_stop_signal_whose_sender_is_gone_never_fires() {
         let mut orphan = watch::channel(false).1;

@@ -74,6 +74,11 @@ pub enum Error {
     },
 
     /// A checkpoint exists but cannot be used for this job.
+    /// The training code panicked (a bug, or sizes beyond what it
+    /// checks); the worker reports it as the job's failure and goes on.
+    #[error("training panicked: {0}")]
+    Panicked(String),
+
     #[error("cannot resume from checkpoint {}: {message}", path.display())]
     Checkpoint {
         /// The checkpoint file.
@@ -95,6 +100,7 @@ impl Error {
             | Error::Device { .. }
             | Error::NonFiniteLoss { .. }
             | Error::Interrupted { .. }
+            | Error::Panicked(_)
             | Error::Checkpoint { .. } => false,
         }
     }
