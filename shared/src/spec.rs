@@ -243,6 +243,42 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// Trainable parameters of this model, leaving out the embedding table
+    /// and the output layer (they depend on the data's vocabulary and
+    /// classes). Counted in `f64`, so absurd sizes cannot overflow.
+    pub fn approx_params(&self) -> f64 {
+        let f = |n: usize| n as f64;
+        let (e, filters) = (f(self.embedding), f(self.conv_filters));
+        let mut total = filters * e * f(self.conv_kernel) + filters;
+        let recurrent = |n_in: f64, u: f64| match self.kind {
+            ModelKind::Gru => 3.0 * (n_in * u + u * u + 2.0 * u),
+            _ => n_in * u + u * u + u,
+        };
+        let width = match self.kind {
+            ModelKind::Rnn | ModelKind::Gru => {
+                let mut n_in = filters;
+                for _ in 0..self.modules {
+                    total += recurrent(n_in, f(self.units));
+                    n_in = f(self.units);
+                }
+                total += recurrent(n_in, f(self.final_units));
+                f(self.final_units)
+            }
+            ModelKind::Mha => {
+                let inner = f(self.heads) * f(self.key_size);
+                let block = 4.0 * filters * inner + 3.0 * inner + 3.0 * filters;
+                total += (f(self.modules) + 1.0) * block;
+                filters
+            }
+        };
+        let mut n_in = width;
+        for &units in &self.dense {
+            total += n_in * f(units) + f(units);
+            n_in = f(units);
+        }
+        total
+    }
+
     /// The defaults for `kind`.
     pub fn new(kind: ModelKind) -> Self {
         Self {
@@ -330,6 +366,23 @@ mod defaults {
     pub fn dense() -> Vec<usize> {
         vec![64, 32]
     }
+}
+
+/// Upper bounds that [`SweepSpec::validate`] enforces, so that a typo in a
+/// size (an extra zero or ten) is an error naming its key instead of an
+/// allocation failure inside a worker.
+pub mod limits {
+    /// Any one layer width, head count, head size, kernel, stride or pool.
+    pub const WIDTH: usize = 65_536;
+    /// Inner modules of a model.
+    pub const MODULES: usize = 32;
+    /// Trainable parameters of a model, as [`super::ModelSpec::approx_params`]
+    /// estimates them.
+    pub const PARAMS: u64 = 100_000_000;
+    /// `data.max_len`.
+    pub const MAX_LEN: usize = 1 << 20;
+    /// `train.batch_size`.
+    pub const BATCH: usize = 1 << 20;
 }
 
 /// One cell of the sweep grid.
@@ -470,6 +523,12 @@ impl SweepSpec {
         if d.max_len == Some(0) {
             return Err(bad("data.max_len", "must be positive".into()));
         }
+        if let Some(n) = d.max_len.filter(|&n| n > limits::MAX_LEN) {
+            return Err(bad(
+                "data.max_len",
+                format!("{n} is above the limit of {}", limits::MAX_LEN),
+            ));
+        }
 
         let t = &self.train;
         if t.epochs == 0 {
@@ -477,6 +536,12 @@ impl SweepSpec {
         }
         if t.batch_size == 0 {
             return Err(bad("train.batch_size", "must be positive".into()));
+        }
+        if t.batch_size > limits::BATCH {
+            return Err(bad(
+                "train.batch_size",
+                format!("{} is above the limit of {}", t.batch_size, limits::BATCH),
+            ));
         }
         if t.steps_per_epoch == Some(0) {
             return Err(bad("train.steps_per_epoch", "must be positive".into()));
@@ -529,9 +594,37 @@ impl SweepSpec {
                 if v == 0 {
                     return Err(bad(&key(k), "must be positive".into()));
                 }
+                if v > limits::WIDTH {
+                    return Err(bad(
+                        &key(k),
+                        format!("{v} is above the limit of {}", limits::WIDTH),
+                    ));
+                }
             }
             if m.dense.contains(&0) {
                 return Err(bad(&key("dense"), "layer widths must be positive".into()));
+            }
+            if let Some(&w) = m.dense.iter().find(|&&w| w > limits::WIDTH) {
+                return Err(bad(
+                    &key("dense"),
+                    format!("width {w} is above the limit of {}", limits::WIDTH),
+                ));
+            }
+            if m.modules > limits::MODULES {
+                return Err(bad(
+                    &key("modules"),
+                    format!("{} is above the limit of {}", m.modules, limits::MODULES),
+                ));
+            }
+            let params = m.approx_params();
+            if params > limits::PARAMS as f64 {
+                return Err(bad(
+                    &format!("models.{name}"),
+                    format!(
+                        "its sizes make about {params:.3e} parameters, above the limit of {}",
+                        limits::PARAMS
+                    ),
+                ));
             }
             if !(0.0..1.0).contains(&m.dropout) {
                 return Err(bad(
@@ -550,6 +643,51 @@ impl SweepSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_past_the_limits_are_errors_naming_their_key() {
+        let with = |extra: &str| {
+            let text = format!(
+                "name = \"s\"\n[data]\ndir = \"d\"\nmax_len = 64\n[train]\n\
+                 [models.m]\nkind = \"mha\"\n{extra}\n"
+            );
+            SweepSpec::from_toml(&text, Path::new("s.toml"))
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        assert!(with("").is_ok());
+        for (extra, key) in [
+            ("heads = 99999999999999999", "models.m.heads"),
+            ("key_size = 1000000000", "models.m.key_size"),
+            ("dense = [64, 100000]", "models.m.dense"),
+            ("modules = 1000000", "models.m.modules"),
+            // Each size is allowed, but together they are too many weights.
+            (
+                "heads = 1024\nkey_size = 1024\nconv_filters = 1024",
+                "models.m",
+            ),
+        ] {
+            let err = with(extra).unwrap_err();
+            assert!(
+                err.contains(&format!("`{key}`")) && err.contains("limit"),
+                "{extra}: {err}"
+            );
+        }
+        let batch = SweepSpec::from_toml(
+            "name = \"s\"\n[data]\ndir = \"d\"\n[train]\nbatch_size = 100000000000\n\
+             [models.m]\nkind = \"gru\"\n",
+            Path::new("s.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(batch.contains("`train.batch_size`"), "{batch}");
+        // The default models are far below the parameter limit, and the
+        // estimate leaves out only the embedding and the output layer.
+        for kind in [ModelKind::Rnn, ModelKind::Gru, ModelKind::Mha] {
+            let n = ModelSpec::new(kind).approx_params();
+            assert!(n > 20_000.0 && n < 100_000.0, "{kind:?}: {n}");
+        }
+    }
 
     const ISSUE_SPEC: &str = r#"
 name = "hw6"

@@ -182,8 +182,12 @@ impl JobSource {
             },
             _ => bail!("give --spec FILE --model NAME, or --data DIR --kind KIND"),
         };
-        if self.max_len.is_some() {
-            job.data.max_len = self.max_len;
+        if let Some(n) = self.max_len {
+            let limit = rotsweep_shared::spec::limits::MAX_LEN;
+            if n > limit {
+                bail!("--max-len {n} is above the limit of {limit}");
+            }
+            job.data.max_len = Some(n);
         }
         Ok(job)
     }
@@ -691,6 +695,14 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be positive");
+    }
+    use rotsweep_shared::spec::limits;
+    if args.len > limits::MAX_LEN || args.batch > limits::BATCH {
+        bail!(
+            "--len and --batch are limited to {} and {}",
+            limits::MAX_LEN,
+            limits::BATCH
+        );
     }
     let vocab = 27;
     let spec = ModelSpec::new(args.kind);
