@@ -223,13 +223,21 @@ impl Summary {
                 let acc = m.rotations.iter().find(|x| x.rotation == *r);
                 let _ = write!(out, " {:>7}", fmt(acc.map(|x| x.test_accuracy)));
             }
-            let epochs: f64 = m.rotations.iter().map(|r| r.epochs as f64).sum::<f64>()
-                / m.rotations.len().max(1) as f64;
-            let spe: f64 = m.rotations.iter().map(|r| r.seconds_per_epoch).sum::<f64>()
-                / m.rotations.len().max(1) as f64;
+            // A model without results has no mean: "-", not "-0.0" (the
+            // sum of no f64 is -0.0).
+            let n = m.rotations.len();
+            let mean_of = |x: &dyn Fn(&RotationSummary) -> f64| {
+                if n == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.1}", m.rotations.iter().map(x).sum::<f64>() / n as f64)
+                }
+            };
+            let epochs = mean_of(&|r| r.epochs as f64);
+            let spe = mean_of(&|r| r.seconds_per_epoch);
             let _ = writeln!(
                 out,
-                " {:>7} {:>7} {:>7} {:>7} {:>6} {:>7.1} {:>7.1}",
+                " {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>7}",
                 fmt(m.mean),
                 fmt(m.std),
                 fmt(m.min),
@@ -305,6 +313,20 @@ mod tests {
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["models"][0]["confusion"][0][0], 3);
         assert!(s.to_table().contains("2/3"));
+    }
+
+    #[test]
+    fn a_model_without_results_shows_dashes_not_negative_zero() {
+        let grid = [GridModel {
+            name: "mha".into(),
+            kind: "mha".into(),
+            n_total: 2,
+        }];
+        let table = summarize("s", &grid, &[], false).unwrap().to_table();
+        let row = table.lines().nth(1).unwrap();
+        assert!(row.starts_with("mha") && row.contains("0/2"), "{table}");
+        assert!(!row.contains("-0.0"), "{table}");
+        assert!(row.trim_end().ends_with("-       -"), "{table}");
     }
 
     #[test]

@@ -202,12 +202,13 @@ struct SummaryArgs {
     format: Format,
 }
 
-/// Output format of `train`.
+/// Output format of `train`, `summary` and `bench`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
     /// Aligned columns for people.
     Table,
-    /// One JSON object per line: each epoch, then the result.
+    /// JSON: `train` prints one object per epoch, then the result;
+    /// `summary` and `bench` print one object.
     Json,
 }
 
