@@ -227,7 +227,7 @@ fn watching_a_finished_sweep_prints_its_final_state() -> anyhow::Result<()> {
     assert!(lines[0].starts_with("gru/rot0 (job ") && lines[0].contains("CANCELLED"));
     assert!(lines[1].starts_with("rnn/rot0 (job ") && lines[1].contains("CANCELLED"));
     // A state without a detail ends the line (no trailing space).
-    assert!(lines.iter().all(|l| l == l.trim_end()), "{out:?}");
+    assert!(lines.iter().all(|l| *l == l.trim_end()), "{out:?}");
     assert_eq!(lines[2], "sweep over finished: 2 jobs, 2 CANCELLED");
     Ok(())
 }
