@@ -540,6 +540,11 @@ impl Store {
                 "ALTER TABLE jobs ADD COLUMN lease_request TEXT NOT NULL DEFAULT ''",
             )?;
         }
+        // A retried lease request finds its running lease in O(1).
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS running_by_request ON jobs (worker_id, lease_request) \
+             WHERE state = 'RUNNING'",
+        )?;
         if !has_column(&conn, "jobs", "base_cost")? {
             conn.execute_batch(
                 "ALTER TABLE jobs ADD COLUMN base_cost REAL; \
@@ -1689,9 +1694,9 @@ fn replay_lease(
     let found = tx
         .query_row(
             "SELECT j.id, j.attempt, j.lease_token, s.name, j.model, j.rotation, s.spec_json \
-             FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
-             WHERE j.state = ?1 AND j.worker_id = ?2 AND j.lease_request = ?3",
-            params![state::RUNNING, request.worker_id, request.request_id],
+             FROM jobs j INDEXED BY running_by_request JOIN sweeps s ON s.id = j.sweep_id \
+             WHERE j.state = 'RUNNING' AND j.worker_id = ?1 AND j.lease_request = ?2",
+            params![request.worker_id, request.request_id],
             |r| {
                 Ok(Lease {
                     job_id: r.get(0)?,
