@@ -4,14 +4,15 @@
 //! scores and their softmax, keeps both for the backward pass, and needs
 //! a transposed copy of every head's queries, keys and values (research
 //! notes: at L = 1024 these tensors are 67 MB each and dominate mha's
-//! step). The CPU path here works one query row at a time instead, the way
-//! flash attention does on a GPU: the row of scores lives in a buffer of
-//! `T` floats, the forward pass keeps only each row's log-sum-exp, and the
-//! backward pass recomputes the probabilities from it. Nothing larger than
-//! `(T, T)` per task is allocated, and queries, keys and values are read in
-//! place in the `(B, T, 3 h*d)` layout of their one packed projection (its
-//! gradient comes back in the same layout, so the three projections are
-//! one matmul each way).
+//! step). The CPU path here works one sequence and head at a time instead,
+//! one rayon task per sequence: the head's `(T, T)` scores are one GEMM
+//! into a buffer of the task's, the softmax runs on each row in place, the
+//! forward pass keeps only each row's log-sum-exp, and the backward pass
+//! recomputes the probabilities from it (as flash attention does on a
+//! GPU). Nothing larger than `(T, T)` per task is allocated, and queries,
+//! keys and values are read in place in the `(B, T, 3 h*d)` layout of their
+//! one packed projection (its gradient comes back in the same layout, so
+//! the three projections are one matmul each way).
 //!
 //! On other devices [`attention`] falls back to the composition, which
 //! [`attention_composed`] keeps as the reference for the tests.
