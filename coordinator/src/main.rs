@@ -419,6 +419,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 bail!("--local-workers must be at least 1");
             }
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if threads == Some(0) {
+                bail!("--threads must be at least 1");
+            }
             let threads_per_worker = threads.unwrap_or((cores / local_workers).max(1));
             let state_dir = state.unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
             let outcome = local::run(RunConfig {

@@ -149,8 +149,8 @@ impl JobSource {
     fn resolve(&self) -> anyhow::Result<SourcedJob> {
         let mut job = match (&self.spec, &self.data, self.kind) {
             (Some(path), _, _) => {
-                let spec = SweepSpec::from_path(path)
-                    .with_context(|| format!("reading sweep spec {}", path.display()))?;
+                // Its errors name the file (or the key) themselves.
+                let spec = SweepSpec::from_path(path)?;
                 let name = self.model.clone().unwrap_or_default();
                 let Some(model) = spec.models.get(&name) else {
                     let names: Vec<&str> = spec.models.keys().map(String::as_str).collect();
@@ -256,10 +256,10 @@ struct BenchArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Recurrence implementation of rnn and gru layers.
+    /// Recurrence implementation of rnn and gru layers (mha has none).
     #[arg(long, value_enum, default_value_t = KernelArg::Fused)]
     recurrence: KernelArg,
-    /// Attention implementation of mha blocks.
+    /// Attention implementation of mha blocks (rnn and gru have none).
     #[arg(long, value_enum, default_value_t = KernelArg::Fused)]
     attention: KernelArg,
     /// Output: one line for people, or one JSON object with the spread.
@@ -717,7 +717,8 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         KernelArg::Fused => AttentionKernel::Fused,
         KernelArg::Composed => AttentionKernel::Composed,
     };
-    let model = Model::new(&spec, vocab, args.classes, args.len, vb)?
+    let model = Model::new(&spec, vocab, args.classes, args.len, vb)
+        .with_context(|| format!("--len {}", args.len))?
         .with_recurrence(recurrence)
         .with_attention(attention);
     let mut adam = Adam::new(&varmap, AdamConfig::default())?;
