@@ -964,14 +964,18 @@ mod tests {
     #[test]
     fn fused_recurrences_match_the_composition_with_gradients() -> Result<()> {
         let mut rng = SplitMix64::new(11);
-        for (cell, n_steps) in [
-            (Cell::Rnn, 5),
-            (Cell::Gru, 5),
-            (Cell::Gru, 1),
-            (Cell::Rnn, 1),
-        ] {
-            // h = 11: no whole SIMD chunk, and a remainder past one.
-            let (b, h) = (3, 11);
+        // h = 11: no whole SIMD chunk, and a remainder past one; b = 35:
+        // two blocks of rows (32 + 3).
+        let cases = [
+            (Cell::Rnn, 5, 3),
+            (Cell::Gru, 5, 3),
+            (Cell::Gru, 1, 3),
+            (Cell::Rnn, 1, 3),
+            (Cell::Rnn, 3, 35),
+            (Cell::Gru, 3, 35),
+        ];
+        for (cell, n_steps, b) in cases {
+            let h = 11;
             let g = cell.gates() * h;
             let xp = random_var(&[n_steps, b, g], &mut rng)?;
             let w = random_var(&[g, h], &mut rng)?;
@@ -1008,6 +1012,46 @@ mod tests {
                 for (fused, composed) in other.iter().zip(&results[2]) {
                     assert_close(fused, composed, 1e-5);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn recurrences_give_the_same_bits_on_any_number_of_threads() -> Result<()> {
+        let mut rng = SplitMix64::new(12);
+        // 3 rows: split by thread count they were 3, 1 + 2 or 1 + 1 + 1 rows,
+        // and the GRU's bits differed; 35 rows: two blocks.
+        for (cell, b) in [(Cell::Rnn, 3), (Cell::Gru, 3), (Cell::Gru, 35)] {
+            let (n_steps, h) = (6, 64);
+            let g = cell.gates() * h;
+            let xp = random_var(&[n_steps, b, g], &mut rng)?;
+            let w = random_var(&[g, h], &mut rng)?;
+            let bias = random_var(&[g], &mut rng)?;
+            let probe = random_var(&[n_steps, b, h], &mut rng)?;
+            let run = |threads: usize| -> Result<Vec<Vec<f32>>> {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("a thread pool");
+                pool.install(|| {
+                    let (x, wt, bt) = (xp.as_tensor(), w.as_tensor(), bias.as_tensor());
+                    let hs = match cell {
+                        Cell::Rnn => rnn_sequence(x, wt, Recurrence::Fused)?,
+                        Cell::Gru => gru_sequence(x, wt, bt, Recurrence::Fused)?,
+                    };
+                    let grads = (&hs * probe.as_tensor())?.sum_all()?.backward()?;
+                    let mut out = vec![hs.flatten_all()?.to_vec1::<f32>()?];
+                    for var in [&xp, &w] {
+                        let grad = grads.get(var.as_tensor()).expect("a gradient");
+                        out.push(grad.flatten_all()?.to_vec1::<f32>()?);
+                    }
+                    Ok(out)
+                })
+            };
+            let one = run(1)?;
+            for threads in [2, 3] {
+                assert!(run(threads)? == one, "{cell:?} on {threads} threads");
             }
         }
         Ok(())

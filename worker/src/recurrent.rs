@@ -444,12 +444,21 @@ struct Steps {
     h: usize,
 }
 
-/// The batch rows, split into one contiguous block per rayon thread. The
-/// rows of a recurrence are independent, so each block runs all its steps
-/// on its own thread, without synchronising per step.
+/// Rows of the batch per block of a recurrence (the last block may be
+/// shorter).
+const BLOCK_ROWS: usize = 32;
+
+/// The batch rows, split into contiguous blocks of [`BLOCK_ROWS`]. The rows
+/// of a recurrence are independent, so rayon runs each block's steps on one
+/// thread, without synchronising per step. The blocks do not depend on the
+/// thread count, and neither do the results: the GEMM rounds a block's rows
+/// differently for another row count, so splitting by thread count made
+/// seeded GRU results depend on the machine's cores.
 fn row_blocks(b: usize) -> Vec<Range<usize>> {
-    let n = rayon::current_num_threads().clamp(1, b.max(1));
-    (0..n).map(|k| k * b / n..(k + 1) * b / n).collect()
+    (0..b)
+        .step_by(BLOCK_ROWS)
+        .map(|start| start..(start + BLOCK_ROWS).min(b))
+        .collect()
 }
 
 /// Interleaves per-block `(T, rows, width)` buffers into one `(T, B,
