@@ -26,11 +26,11 @@
 //! dQ   = c dS K,   dK = c dS^T Q,   dV = P^T dO
 //! ```
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{
-    gemm_into, matmul, simd, simd_dispatch, with_slices, Gemm, Handover, Mat, MatMut,
+    gemm_into, has_kernels, matmul, simd, simd_dispatch, with_slices, Gemm, Handover, Mat, MatMut,
 };
 use crate::ops::softmax_last_dim;
 
@@ -55,7 +55,7 @@ pub fn attention(
     scale: f64,
     kernel: AttentionKernel,
 ) -> candle_core::Result<Tensor> {
-    if kernel == AttentionKernel::Fused && qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+    if kernel == AttentionKernel::Fused && has_kernels(qkv) {
         attention_cpu(qkv, heads, scale)
     } else {
         attention_composed(qkv, heads, scale)
@@ -304,7 +304,7 @@ unsafe fn backward_seq_avx2(seq: &Seq<'_>, lse: &[f32], dqkv: &mut [f32], dims: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use rotsweep_shared::rng::SplitMix64;
 
     fn random_var(shape: &[usize], rng: &mut SplitMix64) -> candle_core::Result<Var> {

@@ -1,4 +1,4 @@
-//! Building blocks of the worker's CPU kernels ([`crate::attention`],
+//! Building blocks of the worker's CPU kernels ([`crate::attention`], [`crate::ops`],
 //! [`crate::recurrent`]): strided matrix views over slices, a matmul on
 //! them with the `gemm` crate (the GEMM candle's CPU backend uses), and
 //! vector helpers written so that LLVM vectorises them, compiled a second
@@ -6,7 +6,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{CpuStorage, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Shape, Storage, Tensor};
 
 /// `simd_dispatch!(plain, fast(args..))` calls `fast`, the copy of
 /// `plain` compiled for AVX2 + FMA, when the CPU has them, else `plain`.
@@ -31,6 +31,13 @@ macro_rules! simd_dispatch {
     }};
 }
 pub(crate) use simd_dispatch;
+
+/// True when the CPU kernels apply to `t`: an f32 tensor on the CPU. Every
+/// op with a kernel asks this one question and otherwise falls back to its
+/// tensor-op version.
+pub fn has_kernels(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
 
 /// Runs `f` on the f32 contents of contiguous CPU tensors.
 pub fn with_slices<R>(

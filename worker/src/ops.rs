@@ -23,9 +23,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage,
 };
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
-use crate::cpu::{simd, simd_dispatch, with_slices, Handover};
+use crate::cpu::{has_kernels, simd, simd_dispatch, with_slices, Handover};
 
 /// Copies a finished CPU tensor out as a custom op's result. `t` must be a
 /// fresh f32 result of an op: contiguous, offset 0, exactly as large as its
@@ -110,7 +110,7 @@ pub fn sum_rows(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `x + b` with `b` broadcast over every row: `x` is `(.., G)`, `b` is
 /// `(G)`. Same values and gradients as `x.broadcast_add(b)`.
 pub fn add_bias(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+    if !has_kernels(x) {
         let y = fresh(x.detach().broadcast_add(&b.detach())?)?;
         return x.apply_op2(b, AddBias(Finished::Tensor(y)));
     }
@@ -143,7 +143,7 @@ fn rows_of(x: &Tensor, b: &Tensor, op: &str) -> candle_core::Result<Tensor> {
 /// is about ten full-size tensor ops with an `exp` (a tenth of an rnn step
 /// at L = 256, on the Conv1D output).
 pub fn bias_elu(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+    if !has_kernels(x) {
         return add_bias(x, b)?.elu(1.0);
     }
     let x = rows_of(x, b, "bias_elu")?;
@@ -232,7 +232,7 @@ pub fn avg_pool(xs: &Tensor, dim: usize, pool: usize) -> candle_core::Result<Ten
     if pool == 1 {
         return Ok(xs.clone());
     }
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+    if has_kernels(xs) {
         let pooling = Pooling::along(xs.dims3()?, dim, pool);
         return xs.contiguous()?.apply_op1(AvgPool(pooling));
     }
@@ -388,7 +388,7 @@ pub fn layer_norm(
     beta: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if has_kernels(x) {
         layer_norm_cpu(x, gamma, beta, eps)
     } else {
         layer_norm_ops(x, gamma, beta, eps)
@@ -674,7 +674,7 @@ impl CustomOp2 for AddBias {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use rotsweep_shared::rng::SplitMix64;
 
     fn random_var(shape: &[usize], rng: &mut SplitMix64) -> candle_core::Result<Var> {

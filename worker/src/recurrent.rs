@@ -48,12 +48,12 @@
 use std::ops::Range;
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Shape};
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{IndexOp, Tensor};
 
 use rayon::prelude::*;
 
 use crate::cpu::{
-    gemm_into, matmul, simd, simd_dispatch, with_slices, Gemm, Handover, Mat, MatMut,
+    gemm_into, has_kernels, matmul, simd, simd_dispatch, with_slices, Gemm, Handover, Mat, MatMut,
 };
 use crate::ops::{cpu_result, cuda_result, fresh, sum_rows};
 
@@ -152,7 +152,7 @@ fn gru_composed(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor) -> candle_core::Resul
 }
 
 fn rnn_fused(xp: &Tensor, w_hh: &Tensor) -> candle_core::Result<Tensor> {
-    if xp.device().is_cpu() && xp.dtype() == DType::F32 {
+    if has_kernels(xp) {
         rnn_cpu(xp, w_hh)
     } else {
         rnn_ops(xp, w_hh)
@@ -160,7 +160,7 @@ fn rnn_fused(xp: &Tensor, w_hh: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 fn gru_fused(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor) -> candle_core::Result<Tensor> {
-    if xp.device().is_cpu() && xp.dtype() == DType::F32 {
+    if has_kernels(xp) {
         gru_cpu(xp, w_hh, b_hh)
     } else {
         gru_ops(xp, w_hh, b_hh)
